@@ -1,0 +1,1 @@
+"""dqmig: a testbed for live-migration throttling."""

@@ -1,0 +1,369 @@
+//! The one PyO3 layer: converts arguments, releases the GIL around anything that touches
+//! guest memory at scale or may block, and maps core errors to Python exceptions.
+
+use std::ffi::{c_int, c_void};
+use std::sync::Arc;
+use std::time::Duration;
+
+use numpy::{IntoPyArray, PyArray1};
+use pyo3::exceptions::{PyBufferError, PyIndexError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::program::ProgramSpec;
+use crate::tracker::{TrackMode, Writer};
+use crate::vcpu::{self, ExitReason};
+use crate::Error;
+
+fn to_py(e: Error) -> PyErr {
+    match e {
+        Error::PageOutOfRange { .. } => PyIndexError::new_err(e.to_string()),
+        _ => PyValueError::new_err(e.to_string()),
+    }
+}
+
+/// Guest memory and its dirty tracker.
+#[pyclass(frozen, module = "dqmig._native")]
+struct Guest {
+    inner: Arc<crate::Guest>,
+}
+
+#[pymethods]
+impl Guest {
+    #[new]
+    #[pyo3(signature = (pages, page_size=4096, vcpus=1, dirty_ring=0))]
+    fn new(
+        py: Python<'_>,
+        pages: usize,
+        page_size: usize,
+        vcpus: usize,
+        dirty_ring: usize,
+    ) -> PyResult<Self> {
+        let mode = if dirty_ring == 0 {
+            TrackMode::Bitmap
+        } else {
+            TrackMode::Ring { size: dirty_ring }
+        };
+        let inner = py
+            .detach(|| crate::Guest::new(pages, page_size, mode, vcpus))
+            .map_err(to_py)?;
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    #[getter]
+    fn pages(&self) -> usize {
+        self.inner.memory.pages()
+    }
+
+    #[getter]
+    fn page_size(&self) -> usize {
+        self.inner.memory.page_size()
+    }
+
+    #[getter]
+    fn size(&self) -> usize {
+        self.inner.memory.size()
+    }
+
+    #[getter]
+    fn vcpus(&self) -> usize {
+        self.inner.vcpus
+    }
+
+    /// Dirty ring entries per vCPU; 0 in bitmap mode.
+    #[getter]
+    fn dirty_ring(&self) -> usize {
+        match self.inner.tracker.mode() {
+            TrackMode::Bitmap => 0,
+            TrackMode::Ring { size } => size,
+        }
+    }
+
+    fn read_page<'py>(
+        &self,
+        py: Python<'py>,
+        page: u64,
+    ) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let data = self.inner.memory.read_page(page).map_err(to_py)?;
+        Ok(pyo3::types::PyBytes::new(py, &data))
+    }
+
+    /// Loads a page without marking it dirty (not a guest write).
+    fn write_page(&self, page: u64, data: &[u8]) -> PyResult<()> {
+        self.inner.memory.write_page(page, data).map_err(to_py)
+    }
+
+    /// A guest write: stores `value` in the page's first word, then marks the page for
+    /// `vcpu` (None = a device). True on a clean-to-dirty transition.
+    #[pyo3(signature = (page, value, vcpu=None))]
+    fn write_and_mark(&self, page: u64, value: u64, vcpu: Option<usize>) -> PyResult<bool> {
+        let p = self.inner.memory.check_page(page).map_err(to_py)?;
+        let writer = match vcpu {
+            Some(i) if i >= self.inner.vcpus => {
+                return Err(PyIndexError::new_err(format!("vcpu {i} out of range")));
+            }
+            Some(i) => Writer::Vcpu(i),
+            None => Writer::Device,
+        };
+        self.inner.memory.write_words(p, 0, 1, value);
+        Ok(self.inner.tracker.mark(p, writer))
+    }
+
+    fn is_zero_page(&self, page: u64) -> PyResult<bool> {
+        let p = self.inner.memory.check_page(page).map_err(to_py)?;
+        Ok(self.inner.memory.is_zero_page(p))
+    }
+
+    fn page_digest(&self, page: u64) -> PyResult<u64> {
+        self.inner.memory.page_digest(page).map_err(to_py)
+    }
+
+    /// Digests of the given pages (page-sampling dirty-rate measurement).
+    fn page_digests(&self, py: Python<'_>, pages: Vec<u64>) -> PyResult<Vec<u64>> {
+        let g = self.inner.clone();
+        py.detach(move || {
+            pages
+                .iter()
+                .map(|&p| g.memory.page_digest(p))
+                .collect::<Result<_, _>>()
+        })
+        .map_err(to_py)
+    }
+
+    /// xxh3-64 of the whole memory.
+    fn digest(&self, py: Python<'_>) -> u64 {
+        let g = self.inner.clone();
+        py.detach(move || g.memory.digest())
+    }
+
+    fn start_dirty_log(&self) {
+        self.inner.tracker.start_logging();
+    }
+
+    fn stop_dirty_log(&self) {
+        self.inner.tracker.stop_logging();
+    }
+
+    #[getter]
+    fn dirty_logging(&self) -> bool {
+        self.inner.tracker.is_logging()
+    }
+
+    /// Takes and clears the dirty set: page numbers, ascending, as a numpy uint64 array.
+    fn harvest<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
+        let g = self.inner.clone();
+        py.detach(move || g.tracker.harvest()).into_pyarray(py)
+    }
+
+    /// Pages dirty now, without clearing.
+    fn dirty_count(&self, py: Python<'_>) -> usize {
+        let g = self.inner.clone();
+        py.detach(move || g.tracker.count())
+    }
+
+    /// Ring mode: reaps every vCPU's ring; entries reaped per vCPU.
+    fn reap(&self, py: Python<'_>) -> Vec<usize> {
+        let g = self.inner.clone();
+        py.detach(move || g.tracker.reap())
+    }
+
+    /// Entries waiting in a vCPU's dirty ring (0 in bitmap mode).
+    fn ring_len(&self, vcpu: usize) -> usize {
+        self.inner.tracker.ring(vcpu).map_or(0, |r| r.len())
+    }
+
+    /// Read-only buffer over the whole guest memory (for `numpy.frombuffer`).
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        if flags & pyo3::ffi::PyBUF_WRITABLE != 0 {
+            return Err(PyBufferError::new_err("guest memory views are read-only"));
+        }
+        let mem = &slf.get().inner.memory;
+        // SAFETY: `view` is the Py_buffer CPython passed to this slot. The pointer and length
+        // describe the live guest mapping; PyBuffer_FillInfo takes a reference to `slf`, which
+        // keeps the Arc (and so the mapping) alive until the buffer is released. The buffer is
+        // read-only; concurrent vCPU writes are word-sized atomic stores, so a reader sees
+        // each word either before or after a write, never a torn 8-byte word.
+        let rc = unsafe {
+            pyo3::ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                mem.as_ptr() as *mut c_void,
+                mem.size() as isize,
+                1,
+                flags,
+            )
+        };
+        if rc == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut pyo3::ffi::Py_buffer) {}
+}
+
+/// Why `Vcpu.run` returned.
+#[pyclass(frozen, module = "dqmig._native", get_all)]
+struct Exit {
+    /// DIRTY_QUOTA_EXHAUSTED, DIRTY_RING_FULL, TIMESLICE, KICKED or DONE.
+    reason: &'static str,
+    /// The vCPU's dirty counter (pages) at the exit.
+    count: u64,
+    /// Its quota at the exit (0 = off).
+    quota: u64,
+}
+
+#[pymethods]
+impl Exit {
+    fn __repr__(&self) -> String {
+        format!(
+            "Exit(reason={:?}, count={}, quota={})",
+            self.reason, self.count, self.quota
+        )
+    }
+}
+
+/// An emulated vCPU (or, built with `Vcpu.device`, the DMA writer).
+#[pyclass(frozen, module = "dqmig._native")]
+struct Vcpu {
+    inner: Arc<vcpu::Vcpu>,
+}
+
+fn parse_spec(program: &str) -> PyResult<ProgramSpec> {
+    serde_json::from_str(program)
+        .map_err(|e| PyValueError::new_err(format!("bad guest program: {e}")))
+}
+
+#[pymethods]
+impl Vcpu {
+    #[new]
+    #[pyo3(signature = (guest, index, program, pml_batch=1))]
+    fn new(guest: &Guest, index: usize, program: &str, pml_batch: u64) -> PyResult<Self> {
+        let v = vcpu::Vcpu::new(guest.inner.clone(), index, parse_spec(program)?).map_err(to_py)?;
+        Ok(Self {
+            inner: Arc::new(v.with_pml_batch(pml_batch)),
+        })
+    }
+
+    /// A DMA writer: a device running `program`, with its own dirty counter and quota.
+    #[staticmethod]
+    fn device(guest: &Guest, program: &str) -> PyResult<Self> {
+        let v = vcpu::Vcpu::new_device(guest.inner.clone(), parse_spec(program)?).map_err(to_py)?;
+        Ok(Self { inner: Arc::new(v) })
+    }
+
+    #[getter]
+    fn index(&self) -> Option<usize> {
+        (!self.inner.is_device()).then(|| self.inner.index())
+    }
+
+    #[getter]
+    fn is_device(&self) -> bool {
+        self.inner.is_device()
+    }
+
+    /// Runs the guest program with the GIL released for at most `timeslice` seconds.
+    fn run(&self, py: Python<'_>, timeslice: f64) -> PyResult<Exit> {
+        let slice = Duration::try_from_secs_f64(timeslice)
+            .map_err(|_| PyValueError::new_err(format!("bad timeslice {timeslice}")))?;
+        let v = self.inner.clone();
+        let e = py.detach(move || v.run(slice));
+        Ok(Exit {
+            reason: e.reason.name(),
+            count: e.count,
+            quota: e.quota,
+        })
+    }
+
+    fn kick(&self) {
+        self.inner.kick();
+    }
+
+    /// Kicks and waits until no run is in progress (GIL released while waiting).
+    fn sync(&self, py: Python<'_>) {
+        let v = self.inner.clone();
+        py.detach(move || v.sync());
+    }
+
+    #[getter]
+    fn quota(&self) -> u64 {
+        self.inner.quota()
+    }
+
+    #[setter]
+    fn set_quota(&self, quota: u64) {
+        self.inner.set_quota(quota);
+    }
+
+    #[getter]
+    fn dirty_count(&self) -> u64 {
+        self.inner.dirty_count()
+    }
+
+    #[getter]
+    fn progress(&self) -> u64 {
+        self.inner.snapshot().progress
+    }
+
+    /// All counters: pages_dirtied, bytes_written, progress, run_ns, halt_ns, quota,
+    /// stress_gib, stress_last_ms_per_gib and exits (by reason).
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.snapshot();
+        let d = PyDict::new(py);
+        d.set_item("pages_dirtied", s.pages_dirtied)?;
+        d.set_item("bytes_written", s.bytes_written)?;
+        d.set_item("progress", s.progress)?;
+        d.set_item("run_ns", s.run_ns)?;
+        d.set_item("halt_ns", s.halt_ns)?;
+        d.set_item("quota", s.quota)?;
+        d.set_item("stress_gib", s.stress_gib)?;
+        d.set_item("stress_last_ms_per_gib", s.stress_last_ms_per_gib)?;
+        let exits = PyDict::new(py);
+        for r in ExitReason::ALL {
+            exits.set_item(r.name(), s.exits[r as usize])?;
+        }
+        d.set_item("exits", exits)?;
+        Ok(d)
+    }
+
+    /// The program and its position, as JSON, to resume elsewhere.
+    fn export_state(&self, py: Python<'_>) -> String {
+        let v = self.inner.clone();
+        py.detach(move || v.export_state())
+    }
+
+    fn import_state(&self, py: Python<'_>, state: &str) -> PyResult<()> {
+        let v = self.inner.clone();
+        let state = state.to_owned();
+        py.detach(move || v.import_state(&state)).map_err(to_py)
+    }
+}
+
+/// Marks per second through the dirty tracker (bitmap mode, logging on).
+#[pyfunction]
+fn bench_mark_rate(py: Python<'_>, pages: usize, marks: usize) -> f64 {
+    py.detach(|| crate::bench::mark_rate(pages, marks))
+}
+
+/// Baseline: plain atomic `fetch_or` per page, same page order.
+#[pyfunction]
+fn bench_fetch_or_rate(py: Python<'_>, pages: usize, marks: usize) -> f64 {
+    py.detach(|| crate::bench::fetch_or_rate(pages, marks))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Guest>()?;
+    m.add_class::<Vcpu>()?;
+    m.add_class::<Exit>()?;
+    m.add_function(wrap_pyfunction!(bench_mark_rate, m)?)?;
+    m.add_function(wrap_pyfunction!(bench_fetch_or_rate, m)?)?;
+    m.add("EXIT_REASONS", ExitReason::ALL.map(|r| r.name()).to_vec())?;
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! Guest memory: one page-aligned anonymous mapping, accessed only through `AtomicU64` words.
+//!
+//! vCPU threads write pages while the migration sender reads them. Plain `&mut [u8]` access
+//! from several threads would be a data race; relaxed atomic word accesses are not, and on
+//! x86-64 they compile to the same plain `mov` instructions, so the guest pays nothing for
+//! soundness. Ordering between data and dirty bits is the tracker's job (write, then mark
+//! with `Release`; harvest with `Acquire`, then read).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use memmap2::MmapMut;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+use crate::Error;
+
+pub const DEFAULT_PAGE_SIZE: usize = 4096;
+const WORD: usize = 8;
+
+/// N pages of real memory. Pages are numbered from 0.
+pub struct GuestMemory {
+    /// Owns the mapping; never accessed directly after `words` is built from it.
+    _map: MmapMut,
+    words: &'static [AtomicU64],
+    page_size: usize,
+    pages: usize,
+}
+
+const _: () = assert!(std::mem::align_of::<AtomicU64>() == std::mem::align_of::<u64>());
+const _: () = assert!(std::mem::size_of::<AtomicU64>() == WORD);
+
+impl GuestMemory {
+    /// Maps `pages * page_size` bytes of zeroed anonymous memory. The kernel backs pages
+    /// lazily, so an untouched guest costs no resident memory.
+    pub fn new(pages: usize, page_size: usize) -> Result<Self, Error> {
+        if pages == 0 {
+            return Err(Error::Config("guest memory needs at least one page".into()));
+        }
+        if !page_size.is_power_of_two() || !(4096..=1 << 30).contains(&page_size) {
+            return Err(Error::Config(format!(
+                "page size {page_size} must be a power of two between 4 KiB and 1 GiB"
+            )));
+        }
+        let len = pages
+            .checked_mul(page_size)
+            .ok_or_else(|| Error::Config("guest memory size overflows".into()))?;
+        let mut map = MmapMut::map_anon(len)
+            .map_err(|e| Error::Config(format!("cannot map {len} bytes of guest memory: {e}")))?;
+        let ptr = map.as_mut_ptr() as *const AtomicU64;
+        // SAFETY: the mapping is page-aligned (so 8-byte aligned, and AtomicU64 has u64's
+        // size and alignment, asserted above), zero-initialised (a valid AtomicU64 bit
+        // pattern), and `len / 8` words long. It lives in `_map` as long as `self`, is never
+        // moved (mmap memory does not move with the struct) and is never accessed other than
+        // through this atomic slice, so no `&mut` alias exists. The `'static` lifetime never
+        // escapes: `words()` reborrows it with the lifetime of `&self`.
+        let words = unsafe { std::slice::from_raw_parts(ptr, len / WORD) };
+        Ok(Self {
+            _map: map,
+            words,
+            page_size,
+            pages,
+        })
+    }
+
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    pub fn size(&self) -> usize {
+        self.pages * self.page_size
+    }
+
+    pub fn words_per_page(&self) -> usize {
+        self.page_size / WORD
+    }
+
+    /// Base address, for the read-only Python buffer view.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.words.as_ptr() as *const u8
+    }
+
+    pub fn check_page(&self, page: u64) -> Result<usize, Error> {
+        usize::try_from(page)
+            .ok()
+            .filter(|&p| p < self.pages)
+            .ok_or(Error::PageOutOfRange {
+                page,
+                pages: self.pages,
+            })
+    }
+
+    /// The words of one page. `page` must be in range (checked by callers on untrusted input).
+    pub fn page_words(&self, page: usize) -> &[AtomicU64] {
+        let wpp = self.words_per_page();
+        &self.words[page * wpp..(page + 1) * wpp]
+    }
+
+    /// Stores `words` consecutive 8-byte values at `word_offset` in `page`: word i gets
+    /// `value ^ i`. This is the guest's write; the caller marks the page afterwards.
+    #[inline]
+    pub fn write_words(&self, page: usize, word_offset: usize, words: usize, value: u64) {
+        let page_words = self.page_words(page);
+        for (i, w) in page_words[word_offset..word_offset + words]
+            .iter()
+            .enumerate()
+        {
+            w.store(value ^ i as u64, Relaxed);
+        }
+    }
+
+    /// Folds `words` words at `word_offset` of `page` into one value (the guest's read).
+    #[inline]
+    pub fn read_words(&self, page: usize, word_offset: usize, words: usize) -> u64 {
+        self.page_words(page)[word_offset..word_offset + words]
+            .iter()
+            .fold(0u64, |acc, w| acc.rotate_left(5) ^ w.load(Relaxed))
+    }
+
+    /// Copies one page into `out` (which must be `page_size` bytes).
+    pub fn read_page_into(&self, page: usize, out: &mut [u8]) {
+        for (chunk, w) in out.chunks_exact_mut(WORD).zip(self.page_words(page)) {
+            chunk.copy_from_slice(&w.load(Relaxed).to_le_bytes());
+        }
+    }
+
+    pub fn read_page(&self, page: u64) -> Result<Vec<u8>, Error> {
+        let page = self.check_page(page)?;
+        let mut out = vec![0u8; self.page_size];
+        self.read_page_into(page, &mut out);
+        Ok(out)
+    }
+
+    /// Overwrites one page with `data` (exactly `page_size` bytes). Not marked dirty: this is
+    /// how a destination or a test loads memory, not a guest write.
+    pub fn write_page(&self, page: u64, data: &[u8]) -> Result<(), Error> {
+        let page = self.check_page(page)?;
+        if data.len() != self.page_size {
+            return Err(Error::BadLength {
+                expected: self.page_size,
+                got: data.len(),
+            });
+        }
+        for (chunk, w) in data.chunks_exact(WORD).zip(self.page_words(page)) {
+            w.store(
+                u64::from_le_bytes(chunk.try_into().expect("8-byte chunk")),
+                Relaxed,
+            );
+        }
+        Ok(())
+    }
+
+    pub fn is_zero_page(&self, page: usize) -> bool {
+        self.page_words(page).iter().all(|w| w.load(Relaxed) == 0)
+    }
+
+    /// xxh3-64 of one page's bytes.
+    pub fn page_digest(&self, page: u64) -> Result<u64, Error> {
+        let page = self.check_page(page)?;
+        let mut buf = vec![0u8; self.page_size];
+        self.read_page_into(page, &mut buf);
+        Ok(xxh3_64(&buf))
+    }
+
+    /// xxh3-64 of the whole memory, page by page in order. Equal memories give equal digests
+    /// whatever their history; taken while vCPUs write it is a digest of some mix of states.
+    pub fn digest(&self) -> u64 {
+        let mut hasher = Xxh3::new();
+        let mut buf = vec![0u8; self.page_size];
+        for page in 0..self.pages {
+            self.read_page_into(page, &mut buf);
+            hasher.update(&buf);
+        }
+        hasher.digest()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_memory_is_zero_and_sized() {
+        let m = GuestMemory::new(16, 4096).unwrap();
+        assert_eq!(m.size(), 16 * 4096);
+        assert!((0..16).all(|p| m.is_zero_page(p)));
+        assert_eq!(m.as_ptr() as usize % 4096, 0, "page aligned");
+    }
+
+    #[test]
+    fn rejects_bad_geometry() {
+        assert!(GuestMemory::new(0, 4096).is_err());
+        assert!(GuestMemory::new(4, 1000).is_err());
+        assert!(GuestMemory::new(4, 2048).is_err());
+    }
+
+    #[test]
+    fn page_roundtrip_and_digest() {
+        let m = GuestMemory::new(4, 4096).unwrap();
+        let data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
+        let empty = m.digest();
+        m.write_page(2, &data).unwrap();
+        assert_eq!(m.read_page(2).unwrap(), data);
+        assert_eq!(m.page_digest(2).unwrap(), xxh3_64(&data));
+        assert_ne!(m.digest(), empty);
+        assert!(!m.is_zero_page(2));
+        assert!(m.write_page(4, &data).is_err());
+        assert!(m.write_page(1, &data[..10]).is_err());
+        assert!(m.read_page(99).is_err());
+    }
+
+    #[test]
+    fn write_words_then_read_words() {
+        let m = GuestMemory::new(2, 4096).unwrap();
+        m.write_words(1, 4, 3, 0xabc);
+        let page = m.read_page(1).unwrap();
+        assert_eq!(u64::from_le_bytes(page[32..40].try_into().unwrap()), 0xabc);
+        assert_eq!(
+            u64::from_le_bytes(page[40..48].try_into().unwrap()),
+            0xabc ^ 1
+        );
+        assert_ne!(m.read_words(1, 4, 3), 0);
+    }
+
+    #[test]
+    fn concurrent_writers_and_reader() {
+        let m = GuestMemory::new(64, 4096).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..2u64 {
+                let m = &m;
+                s.spawn(move || {
+                    for i in 0..10_000u64 {
+                        let page = ((i * 2 + t) % 64) as usize;
+                        m.write_words(page, 0, 512, i + 1);
+                    }
+                });
+            }
+            s.spawn(|| {
+                for _ in 0..50 {
+                    let _ = m.digest();
+                }
+            });
+        });
+        assert!((0..64).all(|p| !m.is_zero_page(p)));
+    }
+}
