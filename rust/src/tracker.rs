@@ -359,9 +359,9 @@ mod tests {
                 union.insert(p);
                 seen[p as usize] = mem.read_words(p as usize, 0, 1);
             }
-            for p in 0..pages {
+            for (p, &last_seen) in seen.iter().enumerate() {
                 let now = mem.read_words(p, 0, 1);
-                assert_eq!(seen[p], now, "{mode:?}: page {p} lost its last write");
+                assert_eq!(last_seen, now, "{mode:?}: page {p} lost its last write");
             }
             let written: BTreeSet<u64> = (0..pages as u64)
                 .filter(|&p| mem.read_words(p as usize, 0, 1) != 0)
