@@ -1,0 +1,119 @@
+"""Guest programs (what each vCPU runs) and the workload presets built from them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+KINDS = ("idle", "sequential", "uniform", "hot-cold", "read-mostly", "stress")
+PRESETS = ("idle", "uniform", "skewed", "stress", "hot-cold", "sequential")
+
+# Parameters each kind takes beyond the common ones, with defaults.
+_KIND_PARAMS: dict[str, dict[str, float]] = {
+    "hot-cold": {"hot_fraction": 0.1, "hot_probability": 0.9},
+    "read-mostly": {"write_share": 0.01, "compute": 64},
+}
+_COMMON = ("region_start", "region_pages", "write_size", "rate", "seed", "steps")
+
+
+@dataclass
+class ProgramSpec:
+    """One guest program. Pages are guest page numbers; `rate` is steps/s (0 = flat out)."""
+
+    kind: str = "idle"
+    region_start: int = 0
+    region_pages: int = 0  # 0 = to the end of memory
+    write_size: int = 8
+    rate: float = 0.0
+    seed: int = 0
+    steps: int = 0  # 0 = forever
+    params: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown guest program {self.kind!r}; choose from {', '.join(KINDS)}")
+        known = _KIND_PARAMS.get(self.kind, {})
+        unknown = set(self.params) - set(known)
+        if unknown:
+            raise ValueError(f"program {self.kind!r} takes no parameter {sorted(unknown)[0]!r}")
+        self.params = {**known, **self.params}
+
+    def to_json(self) -> str:
+        """The form the native Vcpu takes."""
+        d: dict[str, Any] = {k: v for k, v in asdict(self).items() if k != "params"}
+        d.update(self.params)
+        if self.kind == "read-mostly":
+            d["compute"] = int(d["compute"])
+        return json.dumps(d)
+
+
+def parse_program(text: str, *, region: tuple[int, int], seed: int) -> ProgramSpec:
+    """'uniform', 'read-mostly:write_share=0.05,compute=200', 'uniform:rate=5000,region=shared'.
+
+    `region` is (start, pages) of the vCPU's own share, used unless `region=shared` (all
+    memory) or explicit region_start/region_pages are given.
+    """
+    kind, _, rest = text.partition(":")
+    kwargs: dict[str, Any] = {"region_start": region[0], "region_pages": region[1], "seed": seed}
+    params: dict[str, float] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq:
+            raise ValueError(f"bad program parameter {item!r} in {text!r}: expected key=value")
+        if key == "region":
+            if value != "shared":
+                raise ValueError(f"region must be 'shared' (or give region_start/region_pages), not {value!r}")
+            kwargs["region_start"], kwargs["region_pages"] = 0, 0
+        elif key == "write":
+            kwargs["write_size"] = _number(value, key, int)
+        elif key in _COMMON:
+            kwargs[key] = _number(value, key, float if key == "rate" else int)
+        else:
+            params[key] = _number(value, key, float)
+    return ProgramSpec(kind=kind.strip(), params=params, **kwargs)
+
+
+def _number(value: str, key: str, kind: type) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"program parameter {key}={value!r} is not a number") from None
+
+
+def own_regions(pages: int, vcpus: int) -> list[tuple[int, int]]:
+    """Disjoint, equal shares of memory, one per vCPU (the last takes the remainder)."""
+    share = pages // vcpus
+    if share == 0:
+        raise ValueError(f"{pages} pages cannot be shared among {vcpus} vCPUs")
+    return [(i * share, share if i < vcpus - 1 else pages - i * share) for i in range(vcpus)]
+
+
+def preset(name: str, vcpus: int, pages: int, seed: int = 0) -> list[ProgramSpec]:
+    """Per-vCPU programs for a workload preset; each vCPU works in its own region.
+
+    idle: every vCPU halts.  uniform: every vCPU writes random pages flat out.
+    skewed: vCPU 0 writes flat out, the others are read-mostly (compute, 1 % writes).
+    stress: guestperf's stress on every vCPU.  hot-cold: 90 % of writes to 10 % of pages.
+    sequential: every vCPU writes its pages in order.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(PRESETS)}")
+    regions = own_regions(pages, vcpus)
+
+    def spec(i: int, text: str) -> ProgramSpec:
+        return parse_program(text, region=regions[i], seed=seed * 1000 + i)
+
+    if name == "skewed":
+        return [spec(i, "uniform" if i == 0 else "read-mostly") for i in range(vcpus)]
+    return [spec(i, name) for i in range(vcpus)]
+
+
+def classify(spec: ProgramSpec) -> str:
+    """The vCPU class experiments group by: writer, reader or idle."""
+    if spec.kind == "idle":
+        return "idle"
+    if spec.kind == "read-mostly" and spec.params.get("write_share", 0) < 0.5:
+        return "reader"
+    return "writer"

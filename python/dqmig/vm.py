@@ -1,0 +1,256 @@
+"""The VM: guest memory, vCPUs and an optional DMA writer, one thread per vCPU around the
+emulated KVM_RUN loop.
+
+Each vCPU thread calls `Vcpu.run(timeslice)` (Rust, GIL released) and hands every exit to
+the VM's exit handler, the throttling policy, then runs again: the loop QEMU runs around
+KVM_RUN. Handlers must be short; a throttle sleep goes through `VM.throttle_sleep`, which
+releases the GIL and ends at once when the VM is paused or stopped, so throttling never
+delays a stop (and never lengthens a migration's downtime).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dqmig import _native
+from dqmig.programs import ProgramSpec, classify, preset
+from dqmig.units import MiB
+
+# No wait in the VM is unbounded: a thread that does not answer in this long is an error.
+JOIN_TIMEOUT_S = 10.0
+
+
+@dataclass
+class VmConfig:
+    vcpus: int = 2
+    memory: int = 512 * MiB
+    page_size: int = 4096
+    dirty_ring: int = 0  # entries per vCPU (KVM dirty-ring-size); 0 = dirty bitmap
+    programs: list[ProgramSpec] = field(default_factory=list)  # one per vCPU; empty = idle
+    dma: ProgramSpec | None = None  # a DMA writer device, if any
+    timeslice: float = 0.010  # seconds per run() before a TIMESLICE exit
+    pml_batch: int = 1  # see Vcpu: emulate PML-batched quota accounting
+
+    @property
+    def pages(self) -> int:
+        return self.memory // self.page_size
+
+    @classmethod
+    def with_workload(cls, workload: str, *, vcpus: int = 2, memory: int = 512 * MiB,
+                      seed: int = 0, **kwargs: object) -> VmConfig:
+        page_size = int(kwargs.get("page_size", 4096))  # type: ignore[call-overload]
+        programs = preset(workload, vcpus, memory // page_size, seed)
+        return cls(vcpus=vcpus, memory=memory, programs=programs, **kwargs)  # type: ignore[arg-type]
+
+    def validate(self) -> None:
+        if self.vcpus < 1:
+            raise ValueError(f"vcpus must be >= 1, not {self.vcpus}")
+        if self.memory % self.page_size:
+            raise ValueError(f"memory {self.memory} is not a multiple of the page size {self.page_size}")
+        if self.programs and len(self.programs) != self.vcpus:
+            raise ValueError(f"{len(self.programs)} programs given for {self.vcpus} vCPUs")
+        if not self.timeslice > 0:
+            raise ValueError(f"timeslice must be > 0 s, not {self.timeslice}")
+
+
+class ExitHandler(Protocol):
+    """What a throttling policy implements: called on the vCPU's own thread."""
+
+    def handle_exit(self, vm: VM, vcpu: _native.Vcpu, exit: _native.Exit) -> None: ...
+
+
+class ContinueHandler:
+    """The default: no throttling. Reaps a full dirty ring and turns off a spent quota that
+    no policy owns, so the vCPU simply continues."""
+
+    def handle_exit(self, vm: VM, vcpu: _native.Vcpu, exit: _native.Exit) -> None:
+        if exit.reason == "DIRTY_RING_FULL":
+            vm.guest.reap()
+        elif exit.reason == "DIRTY_QUOTA_EXHAUSTED":
+            vcpu.quota = 0
+
+
+class VmError(RuntimeError):
+    pass
+
+
+class VM:
+    """A running guest. `start()` launches the vCPU threads; `pause()`/`resume()` stop and
+    restart them (pause returns once every vCPU is out of run()); `stop()` ends them."""
+
+    def __init__(self, config: VmConfig, handler: ExitHandler | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.guest = _native.Guest(config.pages, config.page_size, config.vcpus, config.dirty_ring)
+        programs = config.programs or [ProgramSpec("idle")] * config.vcpus
+        self.programs = list(programs)
+        self.vcpus = [
+            _native.Vcpu(self.guest, i, p.to_json(), config.pml_batch) for i, p in enumerate(programs)
+        ]
+        self.dma = _native.Vcpu.device(self.guest, config.dma.to_json()) if config.dma else None
+        self.handler: ExitHandler = handler or ContinueHandler()
+        n = len(self.all_writers)
+        self.sleep_ns = [0] * n  # throttle sleep per writer (vCPUs, then the DMA writer)
+        self.handler_ns = [0] * n  # time spent in the exit handler
+        self.done = [False] * n
+        self._cv = threading.Condition()
+        self._paused = False
+        self._stopping = False
+        self._parked = 0
+        self._threads: list[threading.Thread] = []
+        self._errors: list[BaseException] = []
+
+    @property
+    def all_writers(self) -> list[_native.Vcpu]:
+        """The vCPUs, then the DMA writer if there is one."""
+        return self.vcpus + ([self.dma] if self.dma else [])
+
+    def vcpu_classes(self) -> list[str]:
+        return [classify(p) for p in self.programs]
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> VM:
+        if self._threads:
+            raise VmError("VM already started")
+        for slot, v in enumerate(self.all_writers):
+            name = "dma" if v.is_device else f"vcpu{v.index}"
+            t = threading.Thread(target=self._vcpu_loop, args=(slot, v), name=name, daemon=True)
+            self._threads.append(t)
+            t.start()
+        return self
+
+    def __enter__(self) -> VM:
+        return self.start() if not self._threads else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._threads) and not self._paused and not self._stopping
+
+    def _kick_all(self) -> None:
+        for v in self.all_writers:
+            v.kick()
+
+    def pause(self, timeout: float = JOIN_TIMEOUT_S) -> None:
+        """Stops every vCPU (QEMU's `stop`): returns when none is inside run()."""
+        with self._cv:
+            self._paused = True
+            self._cv.notify_all()  # ends throttle sleeps
+        self._kick_all()
+        live = sum(t.is_alive() for t in self._threads)
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._parked >= self._live(live), timeout):
+                raise VmError(f"vCPUs did not stop within {timeout} s")
+
+    def _live(self, started: int) -> int:
+        return min(started, sum(t.is_alive() for t in self._threads))
+
+    def resume(self) -> None:
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    def stop(self, timeout: float = JOIN_TIMEOUT_S) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._kick_all()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        if stuck:
+            raise VmError(f"vCPU threads did not stop within {timeout} s: {', '.join(stuck)}")
+        if self._errors:
+            raise VmError(f"a vCPU thread failed: {self._errors[0]!r}") from self._errors[0]
+
+    # -- the KVM_RUN loop ------------------------------------------------------------------
+
+    def _vcpu_loop(self, slot: int, vcpu: _native.Vcpu) -> None:
+        timeslice = self.config.timeslice
+        try:
+            while True:
+                if self._paused or self._stopping:
+                    if not self._park():
+                        return
+                    continue
+                exit = vcpu.run(timeslice)
+                if exit.reason == "DONE":
+                    self.done[slot] = True
+                    self._park_until_stop()
+                    return
+                t0 = time.perf_counter_ns()
+                self.handler.handle_exit(self, vcpu, exit)
+                self.handler_ns[slot] += time.perf_counter_ns() - t0
+        except BaseException as e:  # surfaced by stop()
+            self._errors.append(e)
+            with self._cv:
+                self._cv.notify_all()
+
+    def _park(self) -> bool:
+        """Waits out a pause; False when the VM is stopping."""
+        with self._cv:
+            self._parked += 1
+            self._cv.notify_all()
+            while self._paused and not self._stopping:
+                self._cv.wait(0.5)
+            self._parked -= 1
+            return not self._stopping
+
+    def _park_until_stop(self) -> None:
+        """A finished program counts as parked for pause() and waits for stop()."""
+        with self._cv:
+            self._parked += 1
+            self._cv.notify_all()
+            while not self._stopping:
+                self._cv.wait(0.5)
+
+    def throttle_sleep(self, vcpu: _native.Vcpu, seconds: float) -> float:
+        """Sleeps a throttled vCPU (GIL released); returns the time slept. Ends at once when
+        the VM pauses or stops."""
+        if seconds <= 0:
+            return 0.0
+        t0 = time.monotonic()
+        with self._cv:
+            self._cv.wait_for(lambda: self._paused or self._stopping, seconds)
+        slept = time.monotonic() - t0
+        slot = len(self.vcpus) if vcpu.is_device else vcpu.index
+        self.sleep_ns[slot] += int(slept * 1e9)
+        return slept
+
+    # -- dirty logging ---------------------------------------------------------------------
+
+    def start_dirty_log(self) -> None:
+        """Clears and starts dirty logging, then waits until every vCPU has left run() once,
+        as KVM makes vCPUs exit when a memslot starts logging: writes made before are visible
+        to whoever reads memory next, and every later write is logged."""
+        self.guest.start_dirty_log()
+        for v in self.all_writers:
+            v.sync()
+
+    def stop_dirty_log(self) -> None:
+        self.guest.stop_dirty_log()
+
+    # -- inspection ------------------------------------------------------------------------
+
+    def counters(self) -> list[dict]:
+        """Native counters of every writer plus the VM's sleep and handler times."""
+        out = []
+        for slot, v in enumerate(self.all_writers):
+            c = v.counters()
+            c["sleep_ns"] = self.sleep_ns[slot]
+            c["handler_ns"] = self.handler_ns[slot]
+            out.append(c)
+        return out
+
+    def memory_view(self):  # -> numpy.ndarray
+        """A read-only numpy view of guest memory, one row per page."""
+        import numpy as np
+
+        return np.frombuffer(self.guest, dtype=np.uint8).reshape(self.guest.pages, self.guest.page_size)
