@@ -30,8 +30,9 @@ class DirtyRate:
     sampled_pages: int = 0  # page-sampling mode only
 
 
-def page_sampling(vm: VM, calc_time: float = 1.0, seed: int = 0,
-                  pages_per_gib: int = SAMPLE_PAGES_PER_GIB) -> DirtyRate:
+def page_sampling(
+    vm: VM, calc_time: float = 1.0, seed: int = 0, pages_per_gib: int = SAMPLE_PAGES_PER_GIB
+) -> DirtyRate:
     g = vm.guest
     want = max(1, round(g.size / GiB * pages_per_gib))
     sample = sorted(random.Random(seed).sample(range(g.pages), min(want, g.pages)))

@@ -64,7 +64,9 @@ def parse_program(text: str, *, region: tuple[int, int], seed: int) -> ProgramSp
             raise ValueError(f"bad program parameter {item!r} in {text!r}: expected key=value")
         if key == "region":
             if value != "shared":
-                raise ValueError(f"region must be 'shared' (or give region_start/region_pages), not {value!r}")
+                raise ValueError(
+                    f"region must be 'shared' (or give region_start/region_pages), not {value!r}"
+                )
             kwargs["region_start"], kwargs["region_pages"] = 0, 0
         elif key == "write":
             kwargs["write_size"] = _number(value, key, int)

@@ -39,8 +39,9 @@ class VmConfig:
         return self.memory // self.page_size
 
     @classmethod
-    def with_workload(cls, workload: str, *, vcpus: int = 2, memory: int = 512 * MiB,
-                      seed: int = 0, **kwargs: object) -> VmConfig:
+    def with_workload(
+        cls, workload: str, *, vcpus: int = 2, memory: int = 512 * MiB, seed: int = 0, **kwargs: object
+    ) -> VmConfig:
         page_size = int(kwargs.get("page_size", 4096))  # type: ignore[call-overload]
         programs = preset(workload, vcpus, memory // page_size, seed)
         return cls(vcpus=vcpus, memory=memory, programs=programs, **kwargs)  # type: ignore[arg-type]
