@@ -82,10 +82,22 @@ class VM:
     """A running guest. `start()` launches the vCPU threads; `pause()`/`resume()` stop and
     restart them (pause returns once every vCPU is out of run()); `stop()` ends them."""
 
-    def __init__(self, config: VmConfig, handler: ExitHandler | None = None) -> None:
+    def __init__(
+        self, config: VmConfig, handler: ExitHandler | None = None, guest: _native.Guest | None = None
+    ) -> None:
+        """`guest` reuses existing memory (a migration destination's), which must match."""
         config.validate()
         self.config = config
-        self.guest = _native.Guest(config.pages, config.page_size, config.vcpus, config.dirty_ring)
+        if guest is None:
+            guest = _native.Guest(config.pages, config.page_size, config.vcpus, config.dirty_ring)
+        elif (guest.pages, guest.page_size, guest.vcpus, guest.dirty_ring) != (
+            config.pages,
+            config.page_size,
+            config.vcpus,
+            config.dirty_ring,
+        ):
+            raise ValueError("the guest's memory does not match the VM configuration")
+        self.guest = guest
         programs = config.programs or [ProgramSpec("idle")] * config.vcpus
         self.programs = list(programs)
         self.vcpus = [

@@ -10,7 +10,16 @@ use pyo3::exceptions::{PyBufferError, PyIndexError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use std::net::TcpStream;
+use std::os::fd::FromRawFd;
+use std::sync::Mutex;
+
+use numpy::PyReadonlyArray1;
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+
 use crate::program::ProgramSpec;
+use crate::stream::{self, Handshake, Received, RecordType, StreamError};
 use crate::tracker::{TrackMode, Writer};
 use crate::vcpu::{self, ExitReason};
 use crate::Error;
@@ -357,8 +366,205 @@ fn bench_fetch_or_rate(py: Python<'_>, pages: usize, marks: usize) -> f64 {
     py.detach(|| crate::bench::fetch_or_rate(pages, marks))
 }
 
+create_exception!(
+    _native,
+    MigrationStreamError,
+    PyException,
+    "The migration stream failed."
+);
+create_exception!(
+    _native,
+    StreamClosed,
+    MigrationStreamError,
+    "The peer closed the connection."
+);
+create_exception!(
+    _native,
+    StreamTimeout,
+    MigrationStreamError,
+    "The peer did not answer in time."
+);
+create_exception!(
+    _native,
+    ProtocolError,
+    MigrationStreamError,
+    "The peer sent a malformed stream."
+);
+
+fn stream_err(e: StreamError) -> PyErr {
+    match e {
+        StreamError::Closed => StreamClosed::new_err(e.to_string()),
+        StreamError::Timeout => StreamTimeout::new_err(e.to_string()),
+        StreamError::Protocol(_) => ProtocolError::new_err(e.to_string()),
+        StreamError::Io(_) => MigrationStreamError::new_err(e.to_string()),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One TCP connection of a migration, owned by Rust. Reads and writes may run on different
+/// threads; `shutdown` from any thread unblocks both.
+#[pyclass(frozen, module = "dqmig._native")]
+struct Channel {
+    reader: Mutex<TcpStream>,
+    writer: Mutex<TcpStream>,
+    control: TcpStream,
+}
+
+#[pymethods]
+impl Channel {
+    /// Takes ownership of `fd` (from `socket.detach()`); `timeout` bounds every read/write.
+    #[new]
+    fn new(fd: i32, timeout: f64) -> PyResult<Self> {
+        if fd < 0 {
+            return Err(PyValueError::new_err("bad file descriptor"));
+        }
+        // SAFETY: the caller hands over an open socket it no longer owns (socket.detach()),
+        // so this TcpStream becomes its only owner and closes it exactly once.
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        let ch = Self {
+            reader: Mutex::new(stream.try_clone().map_err(|e| stream_err(e.into()))?),
+            writer: Mutex::new(stream.try_clone().map_err(|e| stream_err(e.into()))?),
+            control: stream,
+        };
+        ch.set_timeout(timeout)?;
+        Ok(ch)
+    }
+
+    fn set_timeout(&self, timeout: f64) -> PyResult<()> {
+        let t = Duration::try_from_secs_f64(timeout)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| PyValueError::new_err(format!("bad timeout {timeout}")))?;
+        self.control
+            .set_read_timeout(Some(t))
+            .map_err(|e| stream_err(e.into()))?;
+        self.control
+            .set_write_timeout(Some(t))
+            .map_err(|e| stream_err(e.into()))?;
+        Ok(())
+    }
+
+    fn send_record(&self, py: Python<'_>, record_type: u8, payload: Vec<u8>) -> PyResult<()> {
+        let t = RecordType::from_u8(record_type)
+            .ok_or_else(|| PyValueError::new_err(format!("unknown record type {record_type}")))?;
+        py.detach(|| stream::send_record(&mut lock(&self.writer), t, &payload))
+            .map_err(stream_err)
+    }
+
+    /// Sends `pages` of `guest` as page batches; returns (bytes, zero pages, normal pages).
+    #[pyo3(signature = (guest, pages, batch=512))]
+    fn send_pages(
+        &self,
+        py: Python<'_>,
+        guest: &Guest,
+        pages: PyReadonlyArray1<'_, u64>,
+        batch: usize,
+    ) -> PyResult<(u64, u64, u64)> {
+        let pages = pages.as_slice()?.to_vec();
+        let g = guest.inner.clone();
+        let st = py
+            .detach(|| stream::send_pages(&lock(&self.writer), &g.memory, &pages, batch))
+            .map_err(stream_err)?;
+        Ok((st.bytes, st.zero, st.normal))
+    }
+
+    /// Reads the next record. A page batch is checked and applied to `guest` and returned as
+    /// (PAGES, None, (bytes, zero, normal)); anything else as (type, payload, None). Without
+    /// a guest (before the handshake) a page batch is a protocol error.
+    #[allow(clippy::type_complexity)]
+    #[pyo3(signature = (guest=None))]
+    fn receive<'py>(
+        &self,
+        py: Python<'py>,
+        guest: Option<&Guest>,
+    ) -> PyResult<(
+        u8,
+        Option<Bound<'py, pyo3::types::PyBytes>>,
+        Option<(u64, u64, u64)>,
+    )> {
+        let g = guest.map(|g| g.inner.clone());
+        let got = py
+            .detach(|| stream::receive(&mut lock(&self.reader), g.as_ref().map(|g| &g.memory)))
+            .map_err(stream_err)?;
+        Ok(match got {
+            Received::Pages(st) => (
+                RecordType::Pages as u8,
+                None,
+                Some((st.bytes, st.zero, st.normal)),
+            ),
+            Received::Control(t, payload) => {
+                (t as u8, Some(pyo3::types::PyBytes::new(py, &payload)), None)
+            }
+        })
+    }
+
+    /// Shuts the connection down both ways: blocked reads and writes return at once.
+    fn shutdown(&self) {
+        let _ = self.control.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[pyfunction]
+fn encode_handshake<'py>(
+    py: Python<'py>,
+    page_size: u32,
+    pages: u64,
+    vcpus: u32,
+    dirty_ring: u32,
+    channels: u32,
+    capabilities: u64,
+) -> Bound<'py, pyo3::types::PyBytes> {
+    let h = Handshake {
+        version: stream::VERSION,
+        page_size,
+        pages,
+        vcpus,
+        dirty_ring,
+        channels,
+        capabilities,
+    };
+    pyo3::types::PyBytes::new(py, &h.encode())
+}
+
+/// Checks magic and version; returns the handshake's fields.
+#[pyfunction]
+fn decode_handshake<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyDict>> {
+    let h = Handshake::decode(data).map_err(stream_err)?;
+    let d = PyDict::new(py);
+    d.set_item("version", h.version)?;
+    d.set_item("page_size", h.page_size)?;
+    d.set_item("pages", h.pages)?;
+    d.set_item("vcpus", h.vcpus)?;
+    d.set_item("dirty_ring", h.dirty_ring)?;
+    d.set_item("channels", h.channels)?;
+    d.set_item("capabilities", h.capabilities)?;
+    Ok(d)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Channel>()?;
+    m.add_function(wrap_pyfunction!(encode_handshake, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_handshake, m)?)?;
+    let py = m.py();
+    m.add(
+        "MigrationStreamError",
+        py.get_type::<MigrationStreamError>(),
+    )?;
+    m.add("StreamClosed", py.get_type::<StreamClosed>())?;
+    m.add("StreamTimeout", py.get_type::<StreamTimeout>())?;
+    m.add("ProtocolError", py.get_type::<ProtocolError>())?;
+    let records = PyDict::new(py);
+    for t in 1..=u8::MAX {
+        if let Some(r) = RecordType::from_u8(t) {
+            records.set_item(format!("{r:?}"), t)?;
+        }
+    }
+    m.add("RECORD_TYPES", records)?;
+    m.add("MAX_BATCH_PAGES", stream::MAX_BATCH_PAGES)?;
     m.add_class::<Guest>()?;
     m.add_class::<Vcpu>()?;
     m.add_class::<Exit>()?;

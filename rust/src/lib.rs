@@ -6,6 +6,7 @@ pub mod bench;
 pub mod memory;
 pub mod program;
 pub mod ring;
+pub mod stream;
 pub mod tracker;
 pub mod vcpu;
 

@@ -1,0 +1,1 @@
+"""Pre-copy live migration: parameters, the stream, the source and the destination."""

@@ -1,0 +1,98 @@
+"""The migration stream's Python side: URIs, connections and control records.
+
+Page batches and record framing live in Rust (`_native.Channel`); this module opens and
+accepts TCP connections, hands each socket to a Channel, and encodes control payloads.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any
+
+from dqmig import _native
+
+REC = _native.RECORD_TYPES  # name -> wire number
+REC_NAME = {v: k for k, v in REC.items()}
+
+# Waits on the wire never block forever.
+CONNECT_TIMEOUT_S = 10.0
+IO_TIMEOUT_S = 30.0
+
+StreamError = _native.MigrationStreamError
+
+
+def parse_uri(uri: str) -> tuple[str, int]:
+    """('127.0.0.1', 4444) from 'tcp:127.0.0.1:4444' (QEMU's form; IPv6 as tcp:[::1]:4444)."""
+    scheme, _, rest = uri.partition(":")
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")
+    if scheme != "tcp" or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"bad migration URI {uri!r}: expected tcp:HOST:PORT")
+    return host, int(port)
+
+
+def connect(
+    uri: str, timeout: float = CONNECT_TIMEOUT_S, io_timeout: float = IO_TIMEOUT_S
+) -> _native.Channel:
+    host, port = parse_uri(uri)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        raise ConnectionError(f"cannot connect to {uri}: {e.strerror or e}") from None
+    return wrap(sock, io_timeout)
+
+
+def wrap(sock: socket.socket, io_timeout: float = IO_TIMEOUT_S) -> _native.Channel:
+    """Hands a connected socket to Rust (blocking, with kernel-level timeouts)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(None)
+    return _native.Channel(sock.detach(), io_timeout)
+
+
+def listen(uri: str) -> socket.socket:
+    host, port = parse_uri(uri)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConnectionError(f"cannot listen on {uri}: {e.strerror or e}") from None
+    sock.listen(64)
+    return sock
+
+
+def send_json(ch: _native.Channel, record: str, obj: Any) -> None:
+    ch.send_record(REC[record], json.dumps(obj).encode())
+
+
+def decode_json(record: str, payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _native.ProtocolError(f"{record} record is not valid JSON: {e}") from None
+
+
+def send_u64(ch: _native.Channel, record: str, value: int) -> None:
+    ch.send_record(REC[record], struct.pack("<Q", value))
+
+
+def decode_u64(record: str, payload: bytes) -> int:
+    if len(payload) != 8:
+        raise _native.ProtocolError(f"{record} record has {len(payload)} bytes, expected 8")
+    return struct.unpack("<Q", payload)[0]
+
+
+def expect(ch: _native.Channel, *records: str) -> tuple[str, bytes]:
+    """Reads one control record that must be one of `records`; an ERROR record from the peer
+    becomes a StreamError carrying its reason."""
+    t, payload, _ = ch.receive()
+    name = REC_NAME.get(t, str(t))
+    if name == "Error":
+        raise StreamError(f"peer reported: {payload.decode(errors='replace')}")
+    if name not in records:
+        raise _native.ProtocolError(f"expected {' or '.join(records)}, got {name}")
+    return name, payload

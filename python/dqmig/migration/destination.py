@@ -1,0 +1,253 @@
+"""The migration destination (QEMU's -incoming): accept one migration, check the handshake,
+apply page batches into guest memory, verify the memory digest, resume the guest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dqmig import _native
+from dqmig.migration import channel
+from dqmig.migration.channel import REC, REC_NAME, StreamError
+from dqmig.programs import ProgramSpec
+from dqmig.vm import VM, VmConfig
+
+MAX_VCPUS = 1024
+MAX_CHANNELS = 255
+
+
+class IncomingError(Exception):
+    """The migration could not be received; the message says why."""
+
+
+@dataclass
+class IncomingResult:
+    handshake: dict[str, Any] = field(default_factory=dict)
+    pages_zero: int = 0
+    pages_normal: int = 0
+    bytes: int = 0
+    iterations: int = 0
+    digest: int = 0
+    verify_time: float = 0.0
+    vm: VM | None = None
+
+
+def host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_handshake(h: dict[str, Any]) -> None:
+    """Refuses a guest this host cannot or should not build."""
+    size = h["page_size"] * h["pages"]
+    if not 1 <= h["vcpus"] <= MAX_VCPUS:
+        raise IncomingError(f"handshake: {h['vcpus']} vCPUs (allowed 1..{MAX_VCPUS})")
+    if not 1 <= h["channels"] <= MAX_CHANNELS:
+        raise IncomingError(f"handshake: {h['channels']} channels (allowed 1..{MAX_CHANNELS})")
+    if h["pages"] == 0 or size > host_memory():
+        raise IncomingError(f"handshake: guest of {size} bytes does not fit this host's memory")
+
+
+class Incoming:
+    """Listens on `uri` for one migration. `accept_timeout` bounds the wait for the source
+    (None = wait as long as it takes, like QEMU)."""
+
+    def __init__(
+        self, uri: str, accept_timeout: float | None = None, io_timeout: float = channel.IO_TIMEOUT_S
+    ):
+        self.uri = uri
+        self.accept_timeout = accept_timeout
+        self.io_timeout = io_timeout
+        self.listener = channel.listen(uri)
+        self.result = IncomingResult()
+        self._channels: list[Any] = []
+        self._errors: list[BaseException] = []
+
+    @property
+    def address(self) -> str:
+        host, port = self.listener.getsockname()[:2]
+        return f"tcp:{host}:{port}" if ":" not in host else f"tcp:[{host}]:{port}"
+
+    def _accept(self) -> _native.Channel:
+        self.listener.settimeout(self.accept_timeout)
+        try:
+            sock, _ = self.listener.accept()
+        except TimeoutError:
+            raise IncomingError(f"no migration arrived on {self.address} in time") from None
+        return channel.wrap(sock, self.io_timeout)
+
+    def run(self) -> IncomingResult:
+        """Receives the migration and returns with the guest running on this side."""
+        try:
+            return self._run()
+        except StreamError as e:
+            raise IncomingError(str(e)) from None
+        finally:
+            self.listener.close()
+            for ch in self._channels:
+                ch.shutdown()
+
+    def _run(self) -> IncomingResult:
+        main = self._accept()
+        self._channels.append(main)
+        t, payload, _ = main.receive(None)
+        if REC_NAME.get(t) != "Handshake":
+            raise IncomingError(f"expected a handshake, got record type {t}")
+        try:
+            h = _native.decode_handshake(payload)
+            check_handshake(h)
+            guest = _native.Guest(h["pages"], h["page_size"], h["vcpus"], h["dirty_ring"])
+        except (StreamError, IncomingError, ValueError) as e:
+            _tell(main, f"handshake refused: {e}")
+            raise IncomingError(f"handshake refused: {e}") from None
+        self.result.handshake = h
+        main.send_record(REC["HandshakeAck"], b"")
+        workers = self._start_page_channels(h, guest) if h["capabilities"] & 1 else []
+        try:
+            state, complete = self._receive_main(main, guest)
+        except BaseException as e:
+            _tell(main, str(e))
+            raise
+        finally:
+            for w in workers:
+                w.join(self.io_timeout)
+        if self._errors:
+            _tell(main, str(self._errors[0]))
+            raise IncomingError(f"page channel failed: {self._errors[0]}")
+        self.result.vm = self._verify_and_resume(main, guest, state, complete)
+        return self.result
+
+    def _start_page_channels(self, h: dict[str, Any], guest: _native.Guest) -> list[threading.Thread]:
+        n = h["channels"]
+        barrier = threading.Barrier(n, timeout=self.io_timeout)
+        chans: dict[int, Any] = {}
+        for _ in range(n):
+            ch = self._accept()
+            self._channels.append(ch)
+            _, payload = channel.expect(ch, "ChannelHello")
+            index = channel.decode_u64("ChannelHello", payload)
+            if index >= n or index in chans:
+                raise IncomingError(f"bad multifd channel index {index}")
+            chans[index] = ch
+        threads = [
+            threading.Thread(
+                target=self._page_channel, args=(ch, guest, barrier), name=f"multifd{i}", daemon=True
+            )
+            for i, ch in sorted(chans.items())
+        ]
+        for t in threads:
+            t.start()
+        return threads
+
+    def _page_channel(self, ch: Any, guest: _native.Guest, barrier: threading.Barrier) -> None:
+        try:
+            while True:
+                t, payload, stats = ch.receive(guest)
+                name = REC_NAME.get(t)
+                if stats:
+                    self._count(stats)
+                elif name == "Sync":
+                    channel.decode_u64("Sync", payload)
+                    barrier.wait()  # no page of the next round before this round is applied
+                elif name == "End":
+                    return
+                else:
+                    raise _native.ProtocolError(f"unexpected {name} record on a page channel")
+        except BaseException as e:
+            self._errors.append(e)
+            barrier.abort()
+            for other in self._channels:
+                other.shutdown()
+
+    def _count(self, stats: tuple[int, int, int]) -> None:
+        r = self.result
+        r.bytes += stats[0]
+        r.pages_zero += stats[1]
+        r.pages_normal += stats[2]
+
+    def _receive_main(self, main: Any, guest: _native.Guest) -> tuple[dict[str, Any], dict[str, Any]]:
+        state: dict[str, Any] | None = None
+        while True:
+            t, payload, stats = main.receive(guest)
+            name = REC_NAME.get(t, str(t))
+            if stats:
+                self._count(stats)
+            elif name == "Iteration":
+                self.result.iterations += 1
+            elif name == "DeviceState":
+                state = channel.decode_json(name, payload)
+            elif name == "Complete":
+                if state is None:
+                    raise _native.ProtocolError("completion before device state")
+                return state, channel.decode_json(name, payload)
+            elif name == "Error":
+                raise IncomingError(f"source reported: {payload.decode(errors='replace')}")
+            else:
+                raise _native.ProtocolError(f"unexpected {name} record on the main channel")
+
+    def _verify_and_resume(
+        self, main: Any, guest: _native.Guest, state: dict[str, Any], complete: dict[str, Any]
+    ) -> VM:
+        t0 = time.monotonic()
+        digest = guest.digest()
+        self.result.verify_time = time.monotonic() - t0
+        self.result.digest = digest
+        if not isinstance(complete, dict) or complete.get("digest") != digest:
+            source = complete.get("digest") if isinstance(complete, dict) else None
+            msg = f"memory digest mismatch: source {source}, destination {digest}"
+            _tell(main, msg)
+            raise IncomingError(msg)
+        try:
+            vm = _vm_from_device_state(guest, state)
+        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
+            _tell(main, f"bad device state: {e}")
+            raise IncomingError(f"bad device state: {e}") from None
+        vm.start()  # the guest runs here now: downtime ends
+        channel.send_json(main, "Resumed", {"verify_time": self.result.verify_time})
+        return vm
+
+
+def _vm_from_device_state(guest: _native.Guest, state: dict[str, Any]) -> VM:
+    """The destination VM: the source's programs, resumed where they stopped."""
+    vcpus = state["vcpus"]
+    if not isinstance(vcpus, list) or len(vcpus) != guest.vcpus:
+        raise ValueError(f"device state does not carry the guest's {guest.vcpus} vCPUs")
+    dma = state.get("dma")
+    config = VmConfig(
+        vcpus=guest.vcpus,
+        memory=guest.size,
+        page_size=guest.page_size,
+        dirty_ring=guest.dirty_ring,
+        programs=[ProgramSpec(**_spec_fields(json.loads(s)["spec"])) for s in vcpus],
+        dma=ProgramSpec(**_spec_fields(json.loads(dma)["spec"])) if dma else None,
+    )
+    vm = VM(config, guest=guest)
+    for v, s in zip(vm.all_writers, vcpus + ([dma] if dma else []), strict=True):
+        v.import_state(s)
+    return vm
+
+
+def _spec_fields(spec: dict[str, Any]) -> dict[str, Any]:
+    """ProgramSpec arguments from a native program spec (for reports and classes)."""
+    common = ("region_start", "region_pages", "write_size", "rate", "seed", "steps")
+    params = {k: v for k, v in spec.items() if k not in common and k != "kind"}
+    return {"kind": spec["kind"], **{k: spec[k] for k in common if k in spec}, "params": params}
+
+
+def _tell(ch: Any, reason: str) -> None:
+    """Best effort: tell the peer why we stop."""
+    try:
+        ch.send_record(REC["Error"], reason.encode()[:4096])
+    except (StreamError, OSError):
+        pass
+
+
+def free_port_uri(host: str = "127.0.0.1") -> str:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"tcp:{host}:{s.getsockname()[1]}"

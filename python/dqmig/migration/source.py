@@ -1,0 +1,434 @@
+"""The migration source: QEMU's pre-copy loop over a real TCP stream.
+
+setup (all pages dirty, dirty logging on, first sync) -> active (send dirty pages in
+100 ms rate-limit windows; when the pages left fit in bandwidth x downtime-limit, sync the
+dirty log, which is one iteration) -> device (stop the vCPUs, final sync, send the rest
+unthrottled, device state, digest) -> completed once the destination says its guest runs.
+Any failure or cancel ends in failed/cancelled with the source VM running.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from dqmig.migration import channel
+from dqmig.migration.channel import REC, StreamError
+from dqmig.migration.params import MigrationParameters
+from dqmig.vm import VM
+
+WINDOW_S = 0.100  # QEMU's BUFFER_DELAY: rate-limit and bandwidth window
+STEP_S = 0.050  # longest send step before the loop re-checks (QEMU: 50 ms)
+DIRTY_RATE_PERIOD_S = 1.0  # dirty-pages-rate is computed over >= 1 s
+BATCH_PAGES = 512  # pages per batch record (2 MiB at 4 KiB)
+SCAN_PAGES = 1 << 16  # dirty-bitmap scan window
+RESUME_TIMEOUT_S = 60.0  # destination: verify digest and start its vCPUs
+
+ACTIVE_STATES = ("setup", "active", "device")
+
+
+class Cancelled(Exception):
+    pass
+
+
+class NotConverged(Exception):
+    pass
+
+
+class Migration:
+    """One outgoing migration of `vm` to `uri`. `start()` runs it on its own thread;
+    `query()` is QEMU's query-migrate; `cancel()` is migrate_cancel."""
+
+    def __init__(self, vm: VM, uri: str, params: MigrationParameters | None = None) -> None:
+        self.vm = vm
+        self.uri = uri
+        self.params = params or MigrationParameters()
+        self.status = "none"
+        self.error_desc: str | None = None
+        self.converged: bool | None = None
+        self.samples: list[dict[str, Any]] = []
+        g = vm.guest
+        self.page_size = g.page_size
+        self._pages = g.pages
+        self._dirty = np.zeros(g.pages, dtype=bool)  # the migration bitmap
+        self._dirty_count = 0
+        self._cursor = 0
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._channels: list[Any] = []  # page channels; [0] is main without multifd
+        self._main: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        # query-migrate counters
+        self.t_start = 0.0
+        self.setup_time = 0.0
+        self.total_time = 0.0
+        self.downtime: float | None = None
+        self.t_stop: float | None = None
+        self.transferred = 0
+        self.duplicate = 0
+        self.normal = 0
+        self.precopy_bytes = 0
+        self.downtime_bytes = 0
+        self.dirty_sync_count = 0
+        self.dirty_pages_rate = 0.0
+        self.bandwidth = 0.0  # bytes/s over the last window
+        self.threshold = 0.0  # bytes
+        self.pages_per_second = 0.0
+        self.verify_time: float | None = None
+        self._window_start = 0.0
+        self._window_bytes = 0
+        self._window_pages = 0
+        self._period_start = 0.0
+        self._period_new_dirty = 0
+        self._paused_by_us = False
+        self._last_sample: dict[str, Any] | None = None
+
+    # -- control ---------------------------------------------------------------------------
+
+    def start(self) -> Migration:
+        if self._thread:
+            raise RuntimeError("migration already started")
+        self.status = "setup"
+        self._thread = threading.Thread(target=self.run, name="migration", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> str:
+        if self._thread:
+            self._thread.join(timeout)
+        return self.status
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATES
+
+    def cancel(self, reason: str = "cancelled by migrate_cancel") -> None:
+        """Cancels an active migration: the source VM keeps (or resumes) running."""
+        if not self.active:
+            return
+        self._cancel_reason = reason
+        self._cancel.set()
+        for ch in self._all_channels():
+            ch.shutdown()
+
+    def _all_channels(self) -> list[Any]:
+        return ([self._main] if self._main else []) + [c for c in self._channels if c is not self._main]
+
+    # -- the migration thread --------------------------------------------------------------
+
+    def run(self) -> None:
+        self.status = "setup"
+        self.t_start = time.monotonic()
+        try:
+            self._setup()
+            self.status = "active"
+            self._iterate()
+            self._complete()
+        except Cancelled:
+            self._fail("cancelled", getattr(self, "_cancel_reason", "cancelled"))
+        except NotConverged as e:
+            self.converged = False
+            self._fail("cancelled", str(e))
+        except (StreamError, OSError, ValueError) as e:
+            if self._cancel.is_set():
+                self._fail("cancelled", getattr(self, "_cancel_reason", "cancelled"))
+            else:
+                self._fail("failed", str(e))
+        finally:
+            self.total_time = time.monotonic() - self.t_start
+            self._close()
+
+    def _fail(self, status: str, reason: str) -> None:
+        self.vm.stop_dirty_log()
+        if self._paused_by_us:
+            self.vm.resume()
+            self._paused_by_us = False
+        self.error_desc = reason
+        self.status = status
+        self._sample("end")
+
+    def _close(self) -> None:
+        for ch in self._all_channels():
+            ch.shutdown()
+        if self._pool:
+            self._pool.shutdown(wait=True)
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled
+
+    def _setup(self) -> None:
+        p, g = self.params, self.vm.guest
+        self._main = channel.connect(self.uri)
+        hs = _native_handshake(g, p)
+        self._main.send_record(REC["Handshake"], hs)
+        channel.expect(self._main, "HandshakeAck")
+        if p.capabilities["multifd"]:
+            self._channels = []
+            for i in range(p.multifd_channels):
+                self._check_cancel()
+                ch = channel.connect(self.uri)
+                channel.send_u64(ch, "ChannelHello", i)
+                self._channels.append(ch)
+            self._pool = ThreadPoolExecutor(len(self._channels), thread_name_prefix="multifd")
+        else:
+            self._channels = [self._main]
+        self._check_cancel()
+        self._dirty[:] = True  # every page starts dirty
+        self._dirty_count = self._pages
+        self.vm.start_dirty_log()
+        self.dirty_sync_count = 1
+        now = time.monotonic()
+        self.setup_time = now - self.t_start
+        self._window_start = self._period_start = now
+        self._sample("setup")
+
+    # -- pre-copy --------------------------------------------------------------------------
+
+    @property
+    def remaining(self) -> int:
+        return self._dirty_count * self.page_size
+
+    def _iterate(self) -> None:
+        while True:
+            self._check_cancel()
+            self._check_caps()
+            if self.remaining < self.threshold or self._dirty_count == 0:
+                self._sync()
+                if self.remaining < self.threshold or self._dirty_count == 0:
+                    return
+            self._send_step()
+
+    def _check_caps(self) -> None:
+        p = self.params
+        if p.x_max_iterations and self.dirty_sync_count > p.x_max_iterations:
+            raise NotConverged(f"did not converge within {p.x_max_iterations} iterations")
+        if p.x_max_time and time.monotonic() - self.t_start > p.x_max_time:
+            raise NotConverged(f"did not converge within {p.x_max_time:g} s")
+
+    def _send_step(self) -> None:
+        """Sends dirty pages until rate-limited, clean, or STEP_S has passed."""
+        step_end = time.monotonic() + STEP_S
+        budget = self.params.max_bandwidth * WINDOW_S
+        while self._dirty_count and time.monotonic() < step_end:
+            self._check_cancel()
+            self._tick()
+            if budget and self._window_bytes >= budget:
+                # Rate-limited: sleep to the window's end (cancel ends it early).
+                left = self._window_start + WINDOW_S - time.monotonic()
+                if left > 0 and self._cancel.wait(left):
+                    raise Cancelled
+                continue
+            limit = BATCH_PAGES * len(self._channels)
+            if budget:
+                limit = min(limit, max(1, int((budget - self._window_bytes) // self.page_size) + 1))
+            self._send(self._take_dirty(limit), precopy=True)
+
+    def _take_dirty(self, n: int) -> np.ndarray:
+        """Up to n dirty pages from the cursor on (wrapping), cleared in the bitmap."""
+        taken: list[np.ndarray] = []
+        got = scanned = 0
+        while got < n and scanned < self._pages:
+            # Never scan past where this call started: a page taken is not cleared yet.
+            seg = self._dirty[self._cursor : self._cursor + min(SCAN_PAGES, self._pages - scanned)]
+            idx = np.flatnonzero(seg)[: n - got]
+            if len(idx):
+                taken.append(idx + self._cursor)
+                got += len(idx)
+            if got >= n:
+                advance = int(idx[-1]) + 1
+            else:
+                advance = len(seg)
+            scanned += advance
+            self._cursor = (self._cursor + advance) % self._pages
+        pages = np.concatenate(taken).astype(np.uint64) if taken else np.empty(0, np.uint64)
+        self._dirty[pages] = False
+        self._dirty_count -= len(pages)
+        return pages
+
+    def _send(self, pages: np.ndarray, *, precopy: bool) -> None:
+        if not len(pages):
+            return
+        g = self.vm.guest
+        if len(self._channels) == 1:
+            results = [self._channels[0].send_pages(g, pages, BATCH_PAGES)]
+        else:
+            parts = np.array_split(pages, len(self._channels))
+            assert self._pool is not None
+            futures = [
+                self._pool.submit(ch.send_pages, g, part, BATCH_PAGES)
+                for ch, part in zip(self._channels, parts, strict=True)
+                if len(part)
+            ]
+            results = [f.result(timeout=channel.IO_TIMEOUT_S * 2) for f in futures]
+        nbytes = sum(r[0] for r in results)
+        with self._lock:
+            self.transferred += nbytes
+            self.duplicate += sum(r[1] for r in results)
+            self.normal += sum(r[2] for r in results)
+            if precopy:
+                self.precopy_bytes += nbytes
+            else:
+                self.downtime_bytes += nbytes
+        self._window_bytes += nbytes
+        self._window_pages += len(pages)
+
+    def _tick(self) -> None:
+        """Closes a >= 100 ms window: bandwidth, threshold, expected downtime, a sample."""
+        now = time.monotonic()
+        elapsed = now - self._window_start
+        if elapsed < WINDOW_S:
+            return
+        self.bandwidth = self._window_bytes / elapsed
+        self.pages_per_second = self._window_pages / elapsed
+        self.threshold = self.bandwidth * self.params.downtime_limit / 1000
+        self._window_start, self._window_bytes, self._window_pages = now, 0, 0
+        self._sample("tick")
+
+    def _sync(self) -> None:
+        """One iteration: harvest the dirty log into the migration bitmap."""
+        self._tick()
+        harvested = self.vm.guest.harvest()
+        new = int(np.count_nonzero(~self._dirty[harvested]))
+        self._dirty[harvested] = True
+        self._dirty_count += new
+        self._period_new_dirty += new
+        self.dirty_sync_count += 1
+        now = time.monotonic()
+        if now - self._period_start >= DIRTY_RATE_PERIOD_S:
+            self.dirty_pages_rate = self._period_new_dirty / (now - self._period_start)
+            self._period_start, self._period_new_dirty = now, 0
+        self._barrier()
+        channel.send_json(self._main, "Iteration", {"n": self.dirty_sync_count, "remaining": self.remaining})
+        self._sample("sync")
+
+    def _barrier(self) -> None:
+        """multifd: every page channel marks the end of this round, so the destination
+        never applies a page from a later round before an earlier copy of it."""
+        if self._channels != [self._main]:
+            for ch in self._channels:
+                channel.send_u64(ch, "Sync", self.dirty_sync_count)
+
+    # -- switchover ------------------------------------------------------------------------
+
+    def _complete(self) -> None:
+        self.status = "device"
+        self.t_stop = time.monotonic()
+        self.vm.pause()  # downtime starts
+        self._paused_by_us = True
+        self._sample("stop")
+        harvested = self.vm.guest.harvest()
+        self._dirty[harvested] = True
+        self._dirty_count = int(np.count_nonzero(self._dirty))
+        self.dirty_sync_count += 1
+        digest: dict[str, int] = {}
+        hasher = threading.Thread(target=lambda: digest.update(d=self.vm.guest.digest()), name="digest")
+        hasher.start()  # the vCPUs are stopped: memory is final; hash while the rest goes out
+        while self._dirty_count > 0:
+            self._check_cancel()
+            self._send(self._take_dirty(BATCH_PAGES * len(self._channels)), precopy=False)
+        self._barrier()
+        if self._channels != [self._main]:
+            for ch in self._channels:
+                ch.send_record(REC["End"], b"")
+        channel.send_json(self._main, "DeviceState", self._device_state())
+        hasher.join(RESUME_TIMEOUT_S)
+        self.vm.stop_dirty_log()
+        channel.send_json(self._main, "Complete", {"digest": digest["d"], "transferred": self.transferred})
+        self._main.set_timeout(RESUME_TIMEOUT_S)
+        _, payload = channel.expect(self._main, "Resumed")
+        now = time.monotonic()
+        self.downtime = now - self.t_stop
+        info = channel.decode_json("Resumed", payload)
+        self.verify_time = info.get("verify_time") if isinstance(info, dict) else None
+        self.converged = True
+        self.status = "completed"
+        self.total_time = now - self.t_start
+        self._paused_by_us = False  # the guest lives on the destination now
+        self._sample("complete")
+
+    def _device_state(self) -> dict[str, Any]:
+        vm = self.vm
+        return {
+            "vcpus": [v.export_state() for v in vm.vcpus],
+            "dma": vm.dma.export_state() if vm.dma else None,
+            "counters": vm.counters(),
+        }
+
+    # -- telemetry -------------------------------------------------------------------------
+
+    def query(self) -> dict[str, Any]:
+        """QEMU's query-migrate."""
+        now = time.monotonic()
+        out: dict[str, Any] = {"status": self.status}
+        if self.status == "none":
+            return out
+        total = (now - self.t_start) if self.active else self.total_time
+        out["total-time"] = int(total * 1000)
+        out["setup-time"] = int(self.setup_time * 1000)
+        if self.downtime is not None:
+            out["downtime"] = int(self.downtime * 1000)
+        elif self.bandwidth:
+            out["expected-downtime"] = int(self.remaining / self.bandwidth * 1000)
+        with self._lock:
+            out["ram"] = {
+                "transferred": self.transferred,
+                "total": self._pages * self.page_size,
+                "remaining": self.remaining,
+                "duplicate": self.duplicate,
+                "normal": self.normal,
+                "normal-bytes": self.normal * self.page_size,
+                "dirty-pages-rate": int(self.dirty_pages_rate),
+                "mbps": round(self.bandwidth * 8 / 1e6, 3),
+                "dirty-sync-count": self.dirty_sync_count,
+                "pages-per-second": int(self.pages_per_second),
+                "page-size": self.page_size,
+                "precopy-bytes": self.precopy_bytes,
+                "downtime-bytes": self.downtime_bytes,
+            }
+        if self.error_desc:
+            out["error-desc"] = self.error_desc
+        return out
+
+    def _sample(self, event: str) -> None:
+        """A time-series point: query-migrate plus per-vCPU guest progress."""
+        now = time.monotonic()
+        counters = self.vm.counters()
+        prev = self._last_sample
+        vcpus = []
+        for i, c in enumerate(counters):
+            row = {"progress": c["progress"], "pages-dirtied": c["pages_dirtied"], "sleep-ns": c["sleep_ns"]}
+            if prev and now > prev["_t"]:
+                dt = now - prev["_t"]
+                row["progress-rate"] = (c["progress"] - prev["vcpus"][i]["progress"]) / dt
+            vcpus.append(row)
+        sample = {"t": round(now - self.t_start, 4), "_t": now, "event": event, **self.query()}
+        sample["threshold"] = int(self.threshold)
+        sample["vcpus"] = vcpus
+        self._last_sample = sample
+        self.samples.append(sample)
+
+    def report(self) -> dict[str, Any]:
+        samples = [{k: v for k, v in s.items() if k != "_t"} for s in self.samples]
+        return {
+            "uri": self.uri,
+            "parameters": self.params.as_qmp(),
+            "capabilities": self.params.capabilities_qmp(),
+            "result": self.query(),
+            "converged": self.converged,
+            "verify-time": None if self.verify_time is None else int(self.verify_time * 1000),
+            "samples": samples,
+        }
+
+
+def _native_handshake(guest: Any, p: MigrationParameters) -> bytes:
+    from dqmig import _native
+
+    return _native.encode_handshake(
+        guest.page_size, guest.pages, guest.vcpus, guest.dirty_ring, p.channels, p.capability_bits()
+    )

@@ -1,0 +1,576 @@
+//! The migration stream: framed, versioned records over TCP.
+//!
+//! Every record is an 8-byte header — type (u8), three zero bytes, payload length (u32 LE)
+//! — then the payload. The receiver checks the header before reading the payload, and every
+//! field of a page batch before it touches guest memory.
+//!
+//! A page batch (`PAGES`) is `count u32, 0 u32, count x entry u64` then the data of each
+//! non-zero page in entry order. An entry is the page number, with bit 63 set for a zero
+//! page (sent as the flag alone, QEMU's `duplicate`). The sender hands the kernel pointers
+//! straight into guest memory (`writev`), and the receiver reads page data straight into
+//! the destination's guest memory (`read`): no user-space copy on either side.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+
+use crate::memory::GuestMemory;
+
+pub const MAGIC: [u8; 8] = *b"DQMIGSTR";
+pub const VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 8;
+/// Largest control payload (handshake, device state, ...).
+pub const MAX_CONTROL_LEN: usize = 16 << 20;
+/// Largest page batch, in pages (also bounds the `writev` vector below IOV_MAX).
+pub const MAX_BATCH_PAGES: usize = 1000;
+pub const ZERO_PAGE: u64 = 1 << 63;
+
+/// Record types. Numbers are part of the wire format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RecordType {
+    Handshake = 1,
+    HandshakeAck = 2,
+    ChannelHello = 3,
+    Pages = 4,
+    /// End of a dirty-sync round on a channel (multifd barrier); payload: round u64.
+    Sync = 5,
+    DeviceState = 6,
+    /// Switchover done; payload: memory digest u64 and counts.
+    Complete = 7,
+    /// Destination to source: the guest runs on the destination.
+    Resumed = 8,
+    /// Either side: a reason, UTF-8.
+    Error = 9,
+    /// Sender is done with this channel.
+    End = 10,
+    /// Source: an iteration (dirty sync) began; payload: JSON telemetry.
+    Iteration = 11,
+}
+
+impl RecordType {
+    pub fn from_u8(t: u8) -> Option<Self> {
+        use RecordType::*;
+        [
+            Handshake,
+            HandshakeAck,
+            ChannelHello,
+            Pages,
+            Sync,
+            DeviceState,
+            Complete,
+            Resumed,
+            Error,
+            End,
+            Iteration,
+        ]
+        .into_iter()
+        .find(|r| *r as u8 == t)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("connection closed by peer")]
+    Closed,
+    #[error("timed out waiting for the peer")]
+    Timeout,
+    #[error("bad stream: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Io(io::Error),
+}
+
+impl From<io::Error> for StreamError {
+    fn from(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => StreamError::Timeout,
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted => StreamError::Closed,
+            _ => StreamError::Io(e),
+        }
+    }
+}
+
+fn protocol<T>(msg: impl Into<String>) -> Result<T, StreamError> {
+    Err(StreamError::Protocol(msg.into()))
+}
+
+pub fn header(t: RecordType, len: usize) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0] = t as u8;
+    h[4..].copy_from_slice(&(len as u32).to_le_bytes());
+    h
+}
+
+/// What the source says first and the destination checks before anything else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handshake {
+    pub version: u32,
+    pub page_size: u32,
+    pub pages: u64,
+    pub vcpus: u32,
+    pub dirty_ring: u32,
+    pub channels: u32,
+    pub capabilities: u64,
+}
+
+impl Handshake {
+    pub const LEN: usize = 8 + 4 + 4 + 8 + 4 + 4 + 4 + 8;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(Self::LEN);
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&self.version.to_le_bytes());
+        b.extend_from_slice(&self.page_size.to_le_bytes());
+        b.extend_from_slice(&self.pages.to_le_bytes());
+        b.extend_from_slice(&self.vcpus.to_le_bytes());
+        b.extend_from_slice(&self.dirty_ring.to_le_bytes());
+        b.extend_from_slice(&self.channels.to_le_bytes());
+        b.extend_from_slice(&self.capabilities.to_le_bytes());
+        b
+    }
+
+    /// Parses and checks magic and version; the caller checks the geometry it can host.
+    pub fn decode(b: &[u8]) -> Result<Self, StreamError> {
+        if b.len() != Self::LEN {
+            return protocol(format!(
+                "handshake is {} bytes, expected {}",
+                b.len(),
+                Self::LEN
+            ));
+        }
+        if b[..8] != MAGIC {
+            return protocol(format!(
+                "wrong magic {:?}: not a dqmig migration stream",
+                &b[..8]
+            ));
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let h = Handshake {
+            version: u32_at(8),
+            page_size: u32_at(12),
+            pages: u64_at(16),
+            vcpus: u32_at(24),
+            dirty_ring: u32_at(28),
+            channels: u32_at(32),
+            capabilities: u64_at(36),
+        };
+        if h.version != VERSION {
+            return protocol(format!(
+                "stream version {} is not supported (this dqmig speaks {VERSION})",
+                h.version
+            ));
+        }
+        Ok(h)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageStats {
+    pub bytes: u64,
+    pub zero: u64,
+    pub normal: u64,
+}
+
+impl PageStats {
+    fn add(&mut self, o: PageStats) {
+        self.bytes += o.bytes;
+        self.zero += o.zero;
+        self.normal += o.normal;
+    }
+}
+
+/// Writes a control record.
+pub fn send_record(
+    stream: &mut TcpStream,
+    t: RecordType,
+    payload: &[u8],
+) -> Result<(), StreamError> {
+    if payload.len() > MAX_CONTROL_LEN {
+        return protocol(format!(
+            "{t:?} payload of {} bytes exceeds {MAX_CONTROL_LEN}",
+            payload.len()
+        ));
+    }
+    let mut rec = Vec::with_capacity(HEADER_LEN + payload.len());
+    rec.extend_from_slice(&header(t, payload.len()));
+    rec.extend_from_slice(payload);
+    stream.write_all(&rec)?;
+    Ok(())
+}
+
+/// Sends `pages` as page batches of at most `batch` pages, zero pages as flags.
+pub fn send_pages(
+    stream: &TcpStream,
+    mem: &GuestMemory,
+    pages: &[u64],
+    batch: usize,
+) -> Result<PageStats, StreamError> {
+    let batch = batch.clamp(1, MAX_BATCH_PAGES);
+    let mut total = PageStats::default();
+    for chunk in pages.chunks(batch) {
+        total.add(send_batch(stream, mem, chunk)?);
+    }
+    Ok(total)
+}
+
+fn send_batch(
+    stream: &TcpStream,
+    mem: &GuestMemory,
+    pages: &[u64],
+) -> Result<PageStats, StreamError> {
+    let page_size = mem.page_size();
+    let mut stats = PageStats::default();
+    let mut meta = Vec::with_capacity(HEADER_LEN + 8 + 8 * pages.len());
+    meta.extend_from_slice(&[0u8; HEADER_LEN]);
+    meta.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+    meta.extend_from_slice(&0u32.to_le_bytes());
+    // (pointer, length) runs of page data; adjacent pages merge into one run.
+    let mut runs: Vec<(*const u8, usize)> = Vec::new();
+    for &p in pages {
+        let page = mem
+            .check_page(p)
+            .map_err(|e| StreamError::Protocol(e.to_string()))?;
+        if mem.is_zero_page(page) {
+            meta.extend_from_slice(&(p | ZERO_PAGE).to_le_bytes());
+            stats.zero += 1;
+            continue;
+        }
+        meta.extend_from_slice(&p.to_le_bytes());
+        stats.normal += 1;
+        let ptr = mem.page_words(page).as_ptr() as *const u8;
+        match runs.last_mut() {
+            Some((start, len)) if start.wrapping_add(*len) == ptr => *len += page_size,
+            _ => runs.push((ptr, page_size)),
+        }
+    }
+    let payload = meta.len() - HEADER_LEN + stats.normal as usize * page_size;
+    meta[..HEADER_LEN].copy_from_slice(&header(RecordType::Pages, payload));
+    let mut iov = Vec::with_capacity(runs.len() + 1);
+    iov.push((meta.as_ptr(), meta.len()));
+    iov.extend(runs);
+    writev_all(stream, &mut iov)?;
+    stats.bytes = (HEADER_LEN + payload) as u64;
+    Ok(stats)
+}
+
+/// `writev` until every byte of every run is written.
+fn writev_all(stream: &TcpStream, runs: &mut [(*const u8, usize)]) -> Result<(), StreamError> {
+    let fd = stream.as_raw_fd();
+    let mut first = 0;
+    while first < runs.len() {
+        let iov: Vec<libc::iovec> = runs[first..]
+            .iter()
+            .take(1024)
+            .map(|&(ptr, len)| libc::iovec {
+                iov_base: ptr as *mut libc::c_void,
+                iov_len: len,
+            })
+            .collect();
+        // SAFETY: each iovec describes memory that stays valid for the call: `meta`, a Vec
+        // owned by the caller, or whole pages of the guest mapping, which the caller's
+        // `&GuestMemory` keeps alive. The kernel only reads these bytes. vCPUs may store to
+        // a page while the kernel copies it; those stores are atomic word writes followed by
+        // a dirty mark, so such a page is sent again in a later round (or the vCPUs are
+        // stopped, at switchover): a torn copy never survives. No Rust reference to the page
+        // bytes is created.
+        let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        let mut n = n as usize;
+        while n > 0 {
+            let (ptr, len) = &mut runs[first];
+            if n >= *len {
+                n -= *len;
+                first += 1;
+            } else {
+                *ptr = ptr.wrapping_add(n);
+                *len -= n;
+                n = 0;
+            }
+        }
+        while first < runs.len() && runs[first].1 == 0 {
+            first += 1;
+        }
+    }
+    Ok(())
+}
+
+/// What the receiver got.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    /// A page batch, already applied to guest memory.
+    Pages(PageStats),
+    Control(RecordType, Vec<u8>),
+}
+
+/// Reads the next record; page batches are checked and applied to `mem`.
+pub fn receive(stream: &mut TcpStream, mem: Option<&GuestMemory>) -> Result<Received, StreamError> {
+    let mut h = [0u8; HEADER_LEN];
+    read_exact_or_closed(stream, &mut h)?;
+    let Some(t) = RecordType::from_u8(h[0]) else {
+        return protocol(format!("unknown record type {}", h[0]));
+    };
+    if h[1..4] != [0, 0, 0] {
+        return protocol(format!(
+            "reserved header bytes are not zero: {:?}",
+            &h[1..4]
+        ));
+    }
+    let len = u32::from_le_bytes(h[4..].try_into().expect("4 bytes")) as usize;
+    if t == RecordType::Pages {
+        let Some(mem) = mem else {
+            return protocol("page batch before the handshake");
+        };
+        return receive_pages(stream, mem, len).map(Received::Pages);
+    }
+    if len > MAX_CONTROL_LEN {
+        return protocol(format!(
+            "{t:?} record of {len} bytes exceeds the {MAX_CONTROL_LEN}-byte limit"
+        ));
+    }
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload)?;
+    Ok(Received::Control(t, payload))
+}
+
+/// EOF before the first byte of a record is a clean close; inside one it is a truncation.
+fn read_exact_or_closed(stream: &mut TcpStream, buf: &mut [u8]) -> Result<(), StreamError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match stream.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Err(StreamError::Closed),
+            Ok(0) => return protocol("stream truncated inside a record header"),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn receive_pages(
+    stream: &mut TcpStream,
+    mem: &GuestMemory,
+    len: usize,
+) -> Result<PageStats, StreamError> {
+    let page_size = mem.page_size();
+    if len < 8 {
+        return protocol(format!(
+            "page batch of {len} bytes is shorter than its count"
+        ));
+    }
+    let mut head = [0u8; 8];
+    stream.read_exact(&mut head)?;
+    let count = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    if head[4..] != [0, 0, 0, 0] {
+        return protocol("page batch reserved field is not zero");
+    }
+    if count == 0 || count > MAX_BATCH_PAGES {
+        return protocol(format!(
+            "page batch of {count} pages (allowed 1..={MAX_BATCH_PAGES})"
+        ));
+    }
+    if len < 8 + 8 * count {
+        return protocol(format!(
+            "page batch of {len} bytes cannot hold {count} entries"
+        ));
+    }
+    let mut index = vec![0u8; 8 * count];
+    stream.read_exact(&mut index)?;
+    let entries: Vec<u64> = index
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
+        .collect();
+    let mut stats = PageStats::default();
+    for &e in &entries {
+        mem.check_page(e & !ZERO_PAGE)
+            .map_err(|err| StreamError::Protocol(err.to_string()))?;
+        if e & ZERO_PAGE != 0 {
+            stats.zero += 1;
+        } else {
+            stats.normal += 1;
+        }
+    }
+    let expected = 8 + 8 * count + stats.normal as usize * page_size;
+    if len != expected {
+        return protocol(format!(
+            "page batch length {len} does not match its {count} entries ({expected})"
+        ));
+    }
+    for &e in &entries {
+        let page = (e & !ZERO_PAGE) as usize;
+        if e & ZERO_PAGE != 0 {
+            zero_page(mem, page);
+        } else {
+            read_into_page(stream, mem, page)?;
+        }
+    }
+    stats.bytes = (HEADER_LEN + len) as u64;
+    Ok(stats)
+}
+
+fn zero_page(mem: &GuestMemory, page: usize) {
+    for w in mem.page_words(page) {
+        w.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Reads one page of data from the socket straight into guest memory.
+fn read_into_page(stream: &TcpStream, mem: &GuestMemory, page: usize) -> Result<(), StreamError> {
+    let fd = stream.as_raw_fd();
+    let base = mem.page_words(page).as_ptr() as *mut u8;
+    let size = mem.page_size();
+    let mut got = 0;
+    while got < size {
+        // SAFETY: `base + got .. base + size` lies inside page `page` of the guest mapping
+        // (checked in range above), which the caller's `&GuestMemory` keeps alive. The kernel
+        // writes plain bytes there; every Rust access to guest memory goes through atomics
+        // on the same words, and an incoming guest has no vCPU running, so nothing races
+        // with this write. No Rust reference to the bytes is created.
+        let n = unsafe { libc::read(fd, base.add(got) as *mut libc::c_void, size - got) };
+        match n {
+            0 => return protocol("stream truncated inside page data"),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e.into());
+                }
+            }
+            n => got += n as usize,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        for s in [&a, &b] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        (a, b)
+    }
+
+    #[test]
+    fn handshake_roundtrip_and_checks() {
+        let h = Handshake {
+            version: VERSION,
+            page_size: 4096,
+            pages: 10,
+            vcpus: 2,
+            dirty_ring: 0,
+            channels: 1,
+            capabilities: 5,
+        };
+        assert_eq!(Handshake::decode(&h.encode()).unwrap(), h);
+        let mut bad = h.encode();
+        bad[0] = b'X';
+        assert!(Handshake::decode(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
+        let v2 = Handshake {
+            version: 2,
+            ..h.clone()
+        }
+        .encode();
+        assert!(Handshake::decode(&v2)
+            .unwrap_err()
+            .to_string()
+            .contains("version"));
+        assert!(Handshake::decode(&h.encode()[..10]).is_err());
+    }
+
+    #[test]
+    fn pages_roundtrip_with_zero_pages() {
+        let src = GuestMemory::new(64, 4096).unwrap();
+        let dst = GuestMemory::new(64, 4096).unwrap();
+        for p in [1usize, 2, 3, 10, 63] {
+            src.write_words(p, 0, 512, p as u64 * 7 + 1);
+        }
+        dst.write_words(5, 0, 1, 99); // stale data the zero page must clear
+        let (mut a, mut b) = pair();
+        let pages: Vec<u64> = (0..64).collect();
+        let sent = std::thread::scope(|s| {
+            let h = s.spawn(|| send_pages(&a, &src, &pages, 7).unwrap());
+            let mut got = PageStats::default();
+            while got.zero + got.normal < 64 {
+                match receive(&mut b, Some(&dst)).unwrap() {
+                    Received::Pages(st) => got.add(st),
+                    other => panic!("{other:?}"),
+                }
+            }
+            let sent = h.join().unwrap();
+            assert_eq!(got, sent);
+            sent
+        });
+        assert_eq!((sent.normal, sent.zero), (5, 59));
+        assert_eq!(src.digest(), dst.digest());
+        send_record(&mut a, RecordType::End, b"").unwrap();
+        assert_eq!(
+            receive(&mut b, Some(&dst)).unwrap(),
+            Received::Control(RecordType::End, vec![])
+        );
+        drop(a);
+        assert!(matches!(
+            receive(&mut b, Some(&dst)),
+            Err(StreamError::Closed)
+        ));
+    }
+
+    fn feed(bytes: &[u8]) -> Result<Received, StreamError> {
+        let mem = GuestMemory::new(4, 4096).unwrap();
+        let (mut a, mut b) = pair();
+        a.write_all(bytes).unwrap();
+        drop(a);
+        receive(&mut b, Some(&mem))
+    }
+
+    #[test]
+    fn rejects_bad_records() {
+        let err = |b: &[u8]| feed(b).unwrap_err().to_string();
+        assert!(err(&[99, 0, 0, 0, 0, 0, 0, 0]).contains("unknown record type"));
+        assert!(err(&[1, 1, 0, 0, 0, 0, 0, 0]).contains("reserved"));
+        assert!(err(&header(RecordType::Error, MAX_CONTROL_LEN + 1)).contains("exceeds"));
+        assert!(err(&[1, 0, 0]).contains("truncated"));
+        let mut batch = header(RecordType::Pages, 16).to_vec();
+        batch.extend_from_slice(&1u32.to_le_bytes());
+        batch.extend_from_slice(&0u32.to_le_bytes());
+        batch.extend_from_slice(&(4u64 | ZERO_PAGE).to_le_bytes());
+        assert!(err(&batch).contains("out of range"), "page beyond memory");
+        let mut batch = header(RecordType::Pages, 16).to_vec();
+        batch.extend_from_slice(&1u32.to_le_bytes());
+        batch.extend_from_slice(&0u32.to_le_bytes());
+        batch.extend_from_slice(&2u64.to_le_bytes());
+        assert!(
+            err(&batch).contains("does not match"),
+            "normal page without data"
+        );
+        let mut batch = header(RecordType::Pages, 8).to_vec();
+        batch.extend_from_slice(&5000u32.to_le_bytes());
+        batch.extend_from_slice(&0u32.to_le_bytes());
+        assert!(err(&batch).contains("allowed"));
+        assert!(
+            matches!(feed(&header(RecordType::End, 10)), Err(StreamError::Closed)),
+            "truncated payload"
+        );
+    }
+}
