@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import select
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
-from dqmig import dirtyrate
+from dqmig import __version__, dirtyrate
+from dqmig.display import Progress
+from dqmig.migration.destination import Incoming, IncomingError
+from dqmig.migration.params import MigrationParameters, parse_bandwidth
+from dqmig.migration.source import Migration
+from dqmig.monitor import Monitor
 from dqmig.programs import PRESETS, own_regions, parse_program, preset
+from dqmig.qmp import QmpServer
 from dqmig.sampler import Sampler
 from dqmig.units import MiB, format_size, parse_size
 from dqmig.vm import VM, VmConfig
+
+DEFAULT_WRITER_RATE = 16384
 
 
 def _size(text: str) -> int:
@@ -45,9 +57,7 @@ def _add_guest_options(p: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="guest memory, e.g. 256M, 4G (default 512M)",
     )
-    g.add_argument(
-        "--page-size", type=_size, default=4096, metavar="SIZE", help="guest page size (default 4K)"
-    )
+    g.add_argument("--page-size", type=_size, default=4096, metavar="SIZE", help="guest page size (default 4K)")
     g.add_argument(
         "--workload",
         choices=PRESETS,
@@ -63,9 +73,7 @@ def _add_guest_options(p: argparse.ArgumentParser) -> None:
         "'uniform:rate=20000', 'read-mostly:write_share=0.05', "
         "'hot-cold:hot_fraction=0.2', 'stress', 'idle' (repeatable)",
     )
-    g.add_argument(
-        "--dma", metavar="SPEC", help="add a DMA writer device running SPEC, e.g. 'sequential:rate=5000'"
-    )
+    g.add_argument("--dma", metavar="SPEC", help="add a DMA writer device running SPEC, e.g. 'sequential:rate=5000'")
     g.add_argument(
         "--dirty-ring",
         type=int,
@@ -73,12 +81,20 @@ def _add_guest_options(p: argparse.ArgumentParser) -> None:
         metavar="ENTRIES",
         help="dirty ring entries per vCPU (KVM dirty-ring-size); 0 = dirty bitmap (default 4096)",
     )
+    g.add_argument(
+        "--writer-rate",
+        type=float,
+        default=DEFAULT_WRITER_RATE,
+        metavar="STEPS",
+        help=f"steps/s of the preset's writer programs, 0 = flat out (default {DEFAULT_WRITER_RATE}: "
+        "with 8-byte writes, about 64 MiB/s of newly dirtied pages)",
+    )
     g.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
 
 
 def vm_config(args: argparse.Namespace) -> VmConfig:
     pages = args.memory // args.page_size
-    programs = preset(args.workload, args.vcpus, pages, args.seed)
+    programs = preset(args.workload, args.vcpus, pages, args.seed, args.writer_rate)
     if len(args.program) > args.vcpus:
         raise ValueError(f"{len(args.program)} --program given for {args.vcpus} vCPUs")
     regions = own_regions(pages, args.vcpus)
@@ -202,6 +218,231 @@ def _config_dict(c: VmConfig) -> dict:
     }
 
 
+def migration_params(args: argparse.Namespace) -> MigrationParameters:
+    p = MigrationParameters()
+    p.set("downtime-limit", args.downtime_limit)
+    p.set("max-bandwidth", args.max_bandwidth)
+    p.set("multifd-channels", args.multifd_channels)
+    p.set("x-max-iterations", args.max_iterations)
+    p.set("x-max-time", args.max_time)
+    p.set_capability("multifd", args.multifd)
+    return p
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    config = vm_config(args)
+    params = migration_params(args)
+    vm = VM(config)
+    monitor = Monitor(vm, params)
+    qmp = QmpServer(args.qmp, monitor).start() if args.qmp else None
+    dest: LocalDestination | None = None
+    print(
+        f"dqmig migrate: {config.vcpus} vCPUs, {format_size(config.memory)}, workload {args.workload}; "
+        f"max-bandwidth {params.max_bandwidth} B/s, downtime-limit {params.downtime_limit} ms, "
+        f"{'multifd ' + str(params.multifd_channels) + ' channels' if params.capabilities['multifd'] else '1 channel'}",
+        flush=True,
+    )
+    try:
+        with vm:
+            time.sleep(args.warmup)
+            if args.to:
+                uri = args.to
+            else:
+                dest = LocalDestination.start(args.run_after)
+                uri = dest.uri
+            if args.defer:
+                print(f"waiting for QMP 'migrate' on {args.qmp} (destination {uri})", flush=True)
+                while monitor.migration is None:
+                    time.sleep(0.1)
+            else:
+                monitor.migrate({"uri": uri})
+            migration = monitor.migration
+            assert migration is not None
+            _show_progress(migration)
+            migration.wait()
+            dest_report = dest.finish() if dest else None
+    finally:
+        if qmp:
+            qmp.close()
+        if dest:
+            dest.kill()
+    return _finish_migrate(args, vm, migration, dest_report)
+
+
+def _show_progress(migration: Migration) -> None:
+    progress = Progress()
+    while migration.active or migration.status == "none":
+        progress.update(migration.query())
+        time.sleep(0.25)
+    progress.update(migration.query())
+    progress.close()
+
+
+def _finish_migrate(args: argparse.Namespace, vm: VM, m: Migration, dest_report: dict | None) -> int:
+    q = m.query()
+    ram = q.get("ram", {})
+    print(
+        f"\nstatus {q['status']}: total {q.get('total-time', 0)} ms, downtime {q.get('downtime', '-')} ms, "
+        f"setup {q.get('setup-time', 0)} ms, {ram.get('dirty-sync-count', 0)} iterations, "
+        f"transferred {format_size(ram.get('transferred', 0))} "
+        f"({ram.get('normal', 0)} normal, {ram.get('duplicate', 0)} zero pages)"
+    )
+    if dest_report:
+        print(
+            f"destination: digest verified in {dest_report['verify-time-ms']} ms; guest resumed, progress "
+            + ", ".join(f"{n} +{d}" for n, d in dest_report["progress-after-resume"].items())
+        )
+    report = {
+        "dqmig": __version__,
+        "argv": sys.argv[1:],
+        "vm": _config_dict(vm.config),
+        "vcpu-classes": vm.vcpu_classes(),
+        "migration": m.report(),
+        "destination": dest_report,
+    }
+    with open(args.report, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"report written to {args.report}")
+    if q["status"] == "completed":
+        print("completed")
+        return 0
+    print(f"{q['status']}: {q.get('error-desc', 'unknown reason')}")
+    return 3 if m.converged is False else 1
+
+
+class LocalDestination:
+    """A `dqmig incoming` process on 127.0.0.1, started for `dqmig migrate` with no --to."""
+
+    START_TIMEOUT_S = 30.0
+
+    def __init__(self, proc: subprocess.Popen, uri: str, report: str) -> None:
+        self.proc, self.uri, self.report = proc, uri, report
+
+    @classmethod
+    def start(cls, run_after: float) -> LocalDestination:
+        fd, report = tempfile.mkstemp(prefix="dqmig-incoming-", suffix=".json")
+        os.close(fd)
+        cmd = [sys.executable, "-m", "dqmig", "incoming", "tcp:127.0.0.1:0", "--accept-timeout", "60"]
+        cmd += ["--run-after", str(run_after), "--report", report]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ready, _, _ = select.select([proc.stdout], [], [], cls.START_TIMEOUT_S)
+        line = proc.stdout.readline() if ready else ""  # type: ignore[union-attr]
+        if "listening on " not in line:
+            proc.kill()
+            err = proc.communicate(timeout=5)[1]
+            raise OSError(f"local destination did not start: {line.strip() or err.strip()}")
+        return cls(proc, line.rsplit("listening on ", 1)[1].strip(), report)
+
+    def finish(self) -> dict | None:
+        """Waits for the destination to end and returns its report (None if it failed)."""
+        try:
+            out, err = self.proc.communicate(timeout=self.START_TIMEOUT_S + 60)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+        if self.proc.returncode != 0:
+            print(f"destination failed: {err.strip() or out.strip()}", file=sys.stderr)
+            return None
+        with open(self.report) as f:
+            return json.load(f)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if os.path.exists(self.report):
+            os.unlink(self.report)
+
+
+def cmd_incoming(args: argparse.Namespace) -> int:
+    incoming = Incoming(args.uri, accept_timeout=args.accept_timeout)
+    print(f"dqmig incoming: listening on {incoming.address}", flush=True)
+    try:
+        result = incoming.run()
+    except IncomingError as e:
+        print(f"dqmig incoming: failed: {e}", file=sys.stderr)
+        return 1
+    vm = result.vm
+    assert vm is not None
+    names = [f"vcpu{i}" for i in range(len(vm.vcpus))] + (["dma"] if vm.dma else [])
+    before = [v.progress for v in vm.all_writers]
+    time.sleep(args.run_after)
+    after = [v.progress for v in vm.all_writers]
+    vm.stop()
+    report = {
+        "handshake": result.handshake,
+        "iterations": result.iterations,
+        "pages-zero": result.pages_zero,
+        "pages-normal": result.pages_normal,
+        "bytes": result.bytes,
+        "digest": result.digest,
+        "verify-time-ms": int(result.verify_time * 1000),
+        "run-after-s": args.run_after,
+        "progress-after-resume": {n: a - b for n, a, b in zip(names, after, before, strict=True)},
+    }
+    print(
+        f"dqmig incoming: completed: {result.pages_normal} normal and {result.pages_zero} zero pages, "
+        f"{result.iterations} iterations, digest verified; guest resumed, progress in "
+        f"{args.run_after:g} s: " + ", ".join(f"{n} +{d}" for n, d in report["progress-after-resume"].items()),
+        flush=True,
+    )
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def _bandwidth(text: str) -> int:
+    try:
+        return parse_bandwidth(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_migrate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "migrate",
+        help="run a VM and live-migrate it",
+        description="Run a VM with a workload and live-migrate it with pre-copy over TCP, to a local "
+        "destination process (default) or to a running `dqmig incoming` (--to).",
+    )
+    _add_guest_options(p)
+    m = p.add_argument_group("migration (QEMU's parameter names and defaults)")
+    m.add_argument("--to", metavar="URI", help="destination tcp:HOST:PORT (default: start one on 127.0.0.1)")
+    m.add_argument(
+        "--max-bandwidth",
+        type=_bandwidth,
+        default=MigrationParameters.max_bandwidth,
+        metavar="RATE",
+        help="bytes/s, or forms like 1Gbit, 100Mbit, 125M; 0 = unlimited (default 128 MiB/s)",
+    )
+    m.add_argument("--downtime-limit", type=int, default=300, metavar="MS", help="ms (default 300)")
+    m.add_argument("--multifd", action="store_true", help="capability multifd: parallel page channels")
+    m.add_argument("--multifd-channels", type=_positive(int), default=2, metavar="N", help="(default 2)")
+    m.add_argument("--max-iterations", type=int, default=0, metavar="N", help="give up after N iterations (0 = never)")
+    m.add_argument("--max-time", type=float, default=0.0, metavar="S", help="give up after S seconds (0 = never)")
+    p.add_argument("--warmup", type=float, default=1.0, metavar="S", help="run the guest before migrating (1)")
+    p.add_argument("--run-after", type=float, default=1.0, metavar="S", help="local destination runs the guest S s (1)")
+    p.add_argument("--report", default="dqmig-migration.json", metavar="PATH", help="JSON report path")
+    p.add_argument("--qmp", metavar="unix:PATH", help="serve a QMP control socket")
+    p.add_argument("--defer", action="store_true", help="wait for a QMP 'migrate' command instead of starting")
+    p.set_defaults(func=cmd_migrate)
+
+
+def _add_incoming_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "incoming",
+        help="receive one migration (QEMU's -incoming)",
+        description="Wait for one migration on URI, apply it, verify the memory digest, resume the guest "
+        "for --run-after seconds, report, exit 0 (non-zero with the reason on failure).",
+    )
+    p.add_argument("uri", metavar="tcp:HOST:PORT", help="where to listen (port 0 = any free port)")
+    p.add_argument("--accept-timeout", type=float, default=None, metavar="S", help="give up if none arrives")
+    p.add_argument("--run-after", type=float, default=1.0, metavar="S", help="run the resumed guest (1)")
+    p.add_argument("--report", metavar="PATH", help="write a JSON report")
+    p.set_defaults(func=cmd_incoming)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dqmig", description="Live-migration throttling testbed.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -212,9 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         "rates and the VM's dirty rate in calc-dirty-rate's three modes.",
     )
     _add_guest_options(run)
-    run.add_argument(
-        "--seconds", type=_positive(float), default=5.0, metavar="T", help="how long to run (default 5)"
-    )
+    run.add_argument("--seconds", type=_positive(float), default=5.0, metavar="T", help="how long to run (default 5)")
     run.add_argument(
         "--calc-time",
         type=_positive(float),
@@ -224,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--json", metavar="PATH", help="write the time series and counters as JSON")
     run.set_defaults(func=cmd_run)
+    _add_migrate_parser(sub)
+    _add_incoming_parser(sub)
     return parser
 
 
@@ -232,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ConnectionError) as e:
         print(f"dqmig: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

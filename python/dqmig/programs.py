@@ -12,7 +12,7 @@ PRESETS = ("idle", "uniform", "skewed", "stress", "hot-cold", "sequential")
 # Parameters each kind takes beyond the common ones, with defaults.
 _KIND_PARAMS: dict[str, dict[str, float]] = {
     "hot-cold": {"hot_fraction": 0.1, "hot_probability": 0.9},
-    "read-mostly": {"write_share": 0.01, "compute": 64},
+    "read-mostly": {"write_share": 0.001, "compute": 64},
 }
 _COMMON = ("region_start", "region_pages", "write_size", "rate", "seed", "steps")
 
@@ -64,9 +64,7 @@ def parse_program(text: str, *, region: tuple[int, int], seed: int) -> ProgramSp
             raise ValueError(f"bad program parameter {item!r} in {text!r}: expected key=value")
         if key == "region":
             if value != "shared":
-                raise ValueError(
-                    f"region must be 'shared' (or give region_start/region_pages), not {value!r}"
-                )
+                raise ValueError(f"region must be 'shared' (or give region_start/region_pages), not {value!r}")
             kwargs["region_start"], kwargs["region_pages"] = 0, 0
         elif key == "write":
             kwargs["write_size"] = _number(value, key, int)
@@ -92,20 +90,24 @@ def own_regions(pages: int, vcpus: int) -> list[tuple[int, int]]:
     return [(i * share, share if i < vcpus - 1 else pages - i * share) for i in range(vcpus)]
 
 
-def preset(name: str, vcpus: int, pages: int, seed: int = 0) -> list[ProgramSpec]:
+def preset(name: str, vcpus: int, pages: int, seed: int = 0, writer_rate: float = 0.0) -> list[ProgramSpec]:
     """Per-vCPU programs for a workload preset; each vCPU works in its own region.
 
-    idle: every vCPU halts.  uniform: every vCPU writes random pages flat out.
-    skewed: vCPU 0 writes flat out, the others are read-mostly (compute, 1 % writes).
-    stress: guestperf's stress on every vCPU.  hot-cold: 90 % of writes to 10 % of pages.
-    sequential: every vCPU writes its pages in order.
+    idle: every vCPU halts.  uniform: every vCPU writes random pages.
+    skewed: vCPU 0 writes random pages, the others are read-mostly (compute, 0.1 % writes).
+    stress: guestperf's stress on every vCPU, flat out.  hot-cold: 90 % of writes to 10 %
+    of pages.  sequential: every vCPU writes its pages in order.
+    Writers (all but stress and read-mostly) run at `writer_rate` steps/s, 0 = flat out.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(PRESETS)}")
     regions = own_regions(pages, vcpus)
 
     def spec(i: int, text: str) -> ProgramSpec:
-        return parse_program(text, region=regions[i], seed=seed * 1000 + i)
+        p = parse_program(text, region=regions[i], seed=seed * 1000 + i)
+        if p.kind in ("uniform", "hot-cold", "sequential"):
+            p.rate = writer_rate
+        return p
 
     if name == "skewed":
         return [spec(i, "uniform" if i == 0 else "read-mostly") for i in range(vcpus)]

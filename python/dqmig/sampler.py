@@ -80,9 +80,7 @@ def _sample(t: float, dt: float, last: list[dict], cur: list[dict], dirty: int) 
         progress_rate=rate("progress"),
         dirty_rate=rate("pages_dirtied"),
         write_rate=rate("bytes_written"),
-        sleep_share=[
-            min(1.0, (c["sleep_ns"] - p["sleep_ns"]) / 1e9 / dt) for p, c in zip(last, cur, strict=True)
-        ],
+        sleep_share=[min(1.0, (c["sleep_ns"] - p["sleep_ns"]) / 1e9 / dt) for p, c in zip(last, cur, strict=True)],
         ms_per_gib=[c["stress_last_ms_per_gib"] for c in cur],
         dirty_pages=dirty,
     )

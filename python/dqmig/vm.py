@@ -40,10 +40,17 @@ class VmConfig:
 
     @classmethod
     def with_workload(
-        cls, workload: str, *, vcpus: int = 2, memory: int = 512 * MiB, seed: int = 0, **kwargs: object
+        cls,
+        workload: str,
+        *,
+        vcpus: int = 2,
+        memory: int = 512 * MiB,
+        seed: int = 0,
+        writer_rate: float = 0.0,
+        **kwargs: object,
     ) -> VmConfig:
         page_size = int(kwargs.get("page_size", 4096))  # type: ignore[call-overload]
-        programs = preset(workload, vcpus, memory // page_size, seed)
+        programs = preset(workload, vcpus, memory // page_size, seed, writer_rate)
         return cls(vcpus=vcpus, memory=memory, programs=programs, **kwargs)  # type: ignore[arg-type]
 
     def validate(self) -> None:
@@ -100,9 +107,7 @@ class VM:
         self.guest = guest
         programs = config.programs or [ProgramSpec("idle")] * config.vcpus
         self.programs = list(programs)
-        self.vcpus = [
-            _native.Vcpu(self.guest, i, p.to_json(), config.pml_batch) for i, p in enumerate(programs)
-        ]
+        self.vcpus = [_native.Vcpu(self.guest, i, p.to_json(), config.pml_batch) for i, p in enumerate(programs)]
         self.dma = _native.Vcpu.device(self.guest, config.dma.to_json()) if config.dma else None
         self.handler: ExitHandler = handler or ContinueHandler()
         n = len(self.all_writers)

@@ -33,9 +33,7 @@ def parse_uri(uri: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def connect(
-    uri: str, timeout: float = CONNECT_TIMEOUT_S, io_timeout: float = IO_TIMEOUT_S
-) -> _native.Channel:
+def connect(uri: str, timeout: float = CONNECT_TIMEOUT_S, io_timeout: float = IO_TIMEOUT_S) -> _native.Channel:
     host, port = parse_uri(uri)
     try:
         sock = socket.create_connection((host, port), timeout=timeout)

@@ -57,9 +57,7 @@ class Incoming:
     """Listens on `uri` for one migration. `accept_timeout` bounds the wait for the source
     (None = wait as long as it takes, like QEMU)."""
 
-    def __init__(
-        self, uri: str, accept_timeout: float | None = None, io_timeout: float = channel.IO_TIMEOUT_S
-    ):
+    def __init__(self, uri: str, accept_timeout: float | None = None, io_timeout: float = channel.IO_TIMEOUT_S):
         self.uri = uri
         self.accept_timeout = accept_timeout
         self.io_timeout = io_timeout
@@ -135,9 +133,7 @@ class Incoming:
                 raise IncomingError(f"bad multifd channel index {index}")
             chans[index] = ch
         threads = [
-            threading.Thread(
-                target=self._page_channel, args=(ch, guest, barrier), name=f"multifd{i}", daemon=True
-            )
+            threading.Thread(target=self._page_channel, args=(ch, guest, barrier), name=f"multifd{i}", daemon=True)
             for i, ch in sorted(chans.items())
         ]
         for t in threads:

@@ -47,9 +47,7 @@ class MigrationParameters:
 
     def as_qmp(self) -> dict[str, Any]:
         """query-migrate-parameters."""
-        return {
-            f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "capabilities"
-        }
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "capabilities"}
 
     def capabilities_qmp(self) -> list[dict[str, Any]]:
         """query-migrate-capabilities."""

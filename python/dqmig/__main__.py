@@ -1,0 +1,5 @@
+import sys
+
+from dqmig.cli import main
+
+sys.exit(main())

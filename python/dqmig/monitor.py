@@ -1,0 +1,135 @@
+"""The source's monitor: QMP commands over a VM and its migration, without any socket.
+
+Each command takes the QMP `arguments` object and returns the `return` value, or raises
+QmpError, which the server turns into `{"error": {"class": ..., "desc": ...}}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dqmig.migration.params import MigrationParameters
+from dqmig.migration.source import Migration
+from dqmig.vm import VM
+
+
+class QmpError(Exception):
+    def __init__(self, desc: str, cls: str = "GenericError") -> None:
+        super().__init__(desc)
+        self.desc, self.cls = desc, cls
+
+
+class Monitor:
+    def __init__(self, vm: VM, params: MigrationParameters | None = None) -> None:
+        self.vm = vm
+        self.params = params or MigrationParameters()
+        self.migration: Migration | None = None
+        self.on_migrate: Callable[[Migration], None] | None = None  # e.g. the CLI's display
+        self.commands: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "qmp_capabilities": lambda a: {},
+            "query-status": self.query_status,
+            "stop": self.stop,
+            "cont": self.cont,
+            "migrate-set-capabilities": self.migrate_set_capabilities,
+            "migrate-set-parameters": self.migrate_set_parameters,
+            "query-migrate-parameters": lambda a: self.params.as_qmp(),
+            "query-migrate-capabilities": lambda a: self.params.capabilities_qmp(),
+            "migrate": self.migrate,
+            "query-migrate": self.query_migrate,
+            "migrate_cancel": self.migrate_cancel,
+            "query-commands": lambda a: [{"name": n} for n in sorted(self.commands)],
+        }
+
+    def execute(self, command: str, arguments: dict[str, Any]) -> Any:
+        fn = self.commands.get(command)
+        if fn is None:
+            raise QmpError(f"The command {command} has not been found", "CommandNotFound")
+        return fn(arguments)
+
+    @property
+    def migrating(self) -> bool:
+        return self.migration is not None and self.migration.active
+
+    def query_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        m = self.migration
+        if m is not None and m.status == "completed":
+            status = "postmigrate"
+        elif m is not None and m.status == "device":
+            status = "finish-migrate"
+        elif self.vm.running:
+            status = "running"
+        else:
+            status = "paused"
+        return {"status": status, "running": status == "running", "singlestep": False}
+
+    def stop(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.vm.pause()
+        return {}
+
+    def cont(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.migration is not None and self.migration.status == "completed":
+            raise QmpError("Migration is complete: the guest runs on the destination; cannot cont")
+        self.vm.resume()
+        return {}
+
+    def migrate_set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
+        caps = _arg(args, "capabilities", list)
+        if self.migrating:
+            raise QmpError("There's a migration process in progress")
+        for c in caps:
+            if not isinstance(c, dict) or set(c) != {"capability", "state"}:
+                raise QmpError("Each capability needs exactly 'capability' and 'state'")
+            try:
+                self.params.set_capability(c["capability"], c["state"])
+            except ValueError as e:
+                raise QmpError(str(e)) from None
+        return {}
+
+    def migrate_set_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
+        staged = MigrationParameters(**{**self.params.__dict__, "capabilities": dict(self.params.capabilities)})
+        for name, value in args.items():
+            try:
+                staged.set(name, value)
+            except ValueError as e:
+                raise QmpError(str(e)) from None
+        # All or nothing: apply only when every parameter was valid. A running migration
+        # reads its parameters live (downtime-limit and max-bandwidth take effect at once).
+        for name in args:
+            attr = name.replace("-", "_")
+            setattr(self.params, attr, getattr(staged, attr))
+        return {}
+
+    def migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        uri = _arg(args, "uri", str)
+        if self.migrating:
+            raise QmpError("There's a migration process in progress")
+        if self.migration is not None and self.migration.status == "completed":
+            raise QmpError("The guest has already migrated")
+        try:
+            from dqmig.migration.channel import parse_uri
+
+            parse_uri(uri)
+        except ValueError as e:
+            raise QmpError(str(e)) from None
+        self.migration = Migration(self.vm, uri, self.params)
+        if self.on_migrate:
+            self.on_migrate(self.migration)
+        self.migration.start()
+        return {}
+
+    def query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.migration.query() if self.migration else {}
+
+    def migrate_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.migration is not None:
+            self.migration.cancel()
+        return {}
+
+
+def _arg(args: dict[str, Any], name: str, kind: type) -> Any:
+    if name not in args:
+        raise QmpError(f"Parameter '{name}' is missing")
+    if not isinstance(args[name], kind):
+        raise QmpError(f"Invalid parameter type for '{name}', expected: {kind.__name__}")
+    return args[name]
