@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import resource
 import select
 import subprocess
 import sys
@@ -34,17 +36,25 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _positive(kind: type):
+def _number(kind: type, minimum: float, inclusive: bool):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {'>=' if inclusive else '>'} {minimum}")
         return value
 
     return parse
+
+
+def _positive(kind: type):
+    return _number(kind, 0, inclusive=False)
+
+
+def _non_negative(kind: type):
+    return _number(kind, 0, inclusive=True)
 
 
 def _add_guest_options(p: argparse.ArgumentParser) -> None:
@@ -76,20 +86,20 @@ def _add_guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dma", metavar="SPEC", help="add a DMA writer device running SPEC, e.g. 'sequential:rate=5000'")
     g.add_argument(
         "--dirty-ring",
-        type=int,
+        type=_non_negative(int),
         default=4096,
         metavar="ENTRIES",
         help="dirty ring entries per vCPU (KVM dirty-ring-size); 0 = dirty bitmap (default 4096)",
     )
     g.add_argument(
         "--writer-rate",
-        type=float,
+        type=_non_negative(float),
         default=DEFAULT_WRITER_RATE,
         metavar="STEPS",
         help=f"steps/s of the preset's writer programs, 0 = flat out (default {DEFAULT_WRITER_RATE}: "
         "with 8-byte writes, about 64 MiB/s of newly dirtied pages)",
     )
-    g.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    g.add_argument("--seed", type=_non_negative(int), default=0, help="workload seed (default 0)")
 
 
 def vm_config(args: argparse.Namespace) -> VmConfig:
@@ -299,6 +309,7 @@ def _finish_migrate(args: argparse.Namespace, vm: VM, m: Migration, dest_report:
         "vcpu-classes": vm.vcpu_classes(),
         "migration": m.report(),
         "destination": dest_report,
+        "peak-rss": peak_rss(),
     }
     with open(args.report, "w") as f:
         json.dump(report, f, indent=1)
@@ -354,6 +365,11 @@ class LocalDestination:
             os.unlink(self.report)
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory, in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def cmd_incoming(args: argparse.Namespace) -> int:
     incoming = Incoming(args.uri, accept_timeout=args.accept_timeout)
     print(f"dqmig incoming: listening on {incoming.address}", flush=True)
@@ -379,6 +395,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         "verify-time-ms": int(result.verify_time * 1000),
         "run-after-s": args.run_after,
         "progress-after-resume": {n: a - b for n, a, b in zip(names, after, before, strict=True)},
+        "peak-rss": peak_rss(),
     }
     print(
         f"dqmig incoming: completed: {result.pages_normal} normal and {result.pages_zero} zero pages, "
@@ -416,13 +433,29 @@ def _add_migrate_parser(sub: argparse._SubParsersAction) -> None:
         metavar="RATE",
         help="bytes/s, or forms like 1Gbit, 100Mbit, 125M; 0 = unlimited (default 128 MiB/s)",
     )
-    m.add_argument("--downtime-limit", type=int, default=300, metavar="MS", help="ms (default 300)")
+    m.add_argument("--downtime-limit", type=_non_negative(int), default=300, metavar="MS", help="ms (default 300)")
     m.add_argument("--multifd", action="store_true", help="capability multifd: parallel page channels")
     m.add_argument("--multifd-channels", type=_positive(int), default=2, metavar="N", help="(default 2)")
-    m.add_argument("--max-iterations", type=int, default=0, metavar="N", help="give up after N iterations (0 = never)")
-    m.add_argument("--max-time", type=float, default=0.0, metavar="S", help="give up after S seconds (0 = never)")
-    p.add_argument("--warmup", type=float, default=1.0, metavar="S", help="run the guest before migrating (1)")
-    p.add_argument("--run-after", type=float, default=1.0, metavar="S", help="local destination runs the guest S s (1)")
+    m.add_argument(
+        "--max-iterations",
+        type=_non_negative(int),
+        default=0,
+        metavar="N",
+        help="give up after N iterations (0 = never)",
+    )
+    m.add_argument(
+        "--max-time", type=_non_negative(float), default=0.0, metavar="S", help="give up after S seconds (0 = never)"
+    )
+    p.add_argument(
+        "--warmup", type=_non_negative(float), default=1.0, metavar="S", help="run the guest before migrating (1)"
+    )
+    p.add_argument(
+        "--run-after",
+        type=_non_negative(float),
+        default=1.0,
+        metavar="S",
+        help="local destination runs the guest S s (1)",
+    )
     p.add_argument("--report", default="dqmig-migration.json", metavar="PATH", help="JSON report path")
     p.add_argument("--qmp", metavar="unix:PATH", help="serve a QMP control socket")
     p.add_argument("--defer", action="store_true", help="wait for a QMP 'migrate' command instead of starting")
@@ -437,8 +470,8 @@ def _add_incoming_parser(sub: argparse._SubParsersAction) -> None:
         "for --run-after seconds, report, exit 0 (non-zero with the reason on failure).",
     )
     p.add_argument("uri", metavar="tcp:HOST:PORT", help="where to listen (port 0 = any free port)")
-    p.add_argument("--accept-timeout", type=float, default=None, metavar="S", help="give up if none arrives")
-    p.add_argument("--run-after", type=float, default=1.0, metavar="S", help="run the resumed guest (1)")
+    p.add_argument("--accept-timeout", type=_positive(float), default=None, metavar="S", help="give up if none arrives")
+    p.add_argument("--run-after", type=_non_negative(float), default=1.0, metavar="S", help="run the resumed guest (1)")
     p.add_argument("--report", metavar="PATH", help="write a JSON report")
     p.set_defaults(func=cmd_incoming)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +32,10 @@ class ProgramSpec:
     params: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in _COMMON:
+            _check_number(name, getattr(self, name), integer=name != "rate")
+        for name, value in self.params.items():
+            _check_number(name, value, integer=name == "compute")
         if self.kind not in KINDS:
             raise ValueError(f"unknown guest program {self.kind!r}; choose from {', '.join(KINDS)}")
         known = _KIND_PARAMS.get(self.kind, {})
@@ -77,9 +82,25 @@ def parse_program(text: str, *, region: tuple[int, int], seed: int) -> ProgramSp
 
 def _number(value: str, key: str, kind: type) -> Any:
     try:
-        return kind(value)
+        number = float(value) if kind is float else int(value)
     except ValueError:
-        raise ValueError(f"program parameter {key}={value!r} is not a number") from None
+        raise ValueError(
+            f"program parameter {key}={value!r} is not a {'number' if kind is float else 'whole number'}"
+        ) from None
+    _check_number(key, number, integer=kind is int)
+    return number
+
+
+def _check_number(name: str, value: Any, *, integer: bool) -> None:
+    """Program numbers are finite and non-negative; counts and sizes are whole."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"program parameter {name}={value!r} is not a number")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"program parameter {name}={value!r} must be a finite number >= 0")
+    if integer and value != int(value):
+        raise ValueError(f"program parameter {name}={value!r} must be a whole number")
+    if integer and value >= 1 << 64:
+        raise ValueError(f"program parameter {name}={value!r} is too large")
 
 
 def own_regions(pages: int, vcpus: int) -> list[tuple[int, int]]:

@@ -10,6 +10,7 @@ delays a stop (and never lengthens a migration's downtime).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,11 +57,17 @@ class VmConfig:
     def validate(self) -> None:
         if self.vcpus < 1:
             raise ValueError(f"vcpus must be >= 1, not {self.vcpus}")
+        if self.page_size < 4096 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page size {self.page_size} must be a power of two >= 4096")
+        if self.memory < self.page_size:
+            raise ValueError(f"memory {self.memory} must hold at least one page")
+        if self.dirty_ring < 0:
+            raise ValueError(f"dirty ring size must be >= 0 entries (0 = dirty bitmap), not {self.dirty_ring}")
         if self.memory % self.page_size:
             raise ValueError(f"memory {self.memory} is not a multiple of the page size {self.page_size}")
         if self.programs and len(self.programs) != self.vcpus:
             raise ValueError(f"{len(self.programs)} programs given for {self.vcpus} vCPUs")
-        if not self.timeslice > 0:
+        if not (self.timeslice > 0 and math.isfinite(self.timeslice)):
             raise ValueError(f"timeslice must be > 0 s, not {self.timeslice}")
 
 

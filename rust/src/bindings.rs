@@ -179,8 +179,11 @@ impl Guest {
     }
 
     /// Entries waiting in a vCPU's dirty ring (0 in bitmap mode).
-    fn ring_len(&self, vcpu: usize) -> usize {
-        self.inner.tracker.ring(vcpu).map_or(0, |r| r.len())
+    fn ring_len(&self, vcpu: usize) -> PyResult<usize> {
+        if vcpu >= self.inner.vcpus {
+            return Err(PyIndexError::new_err(format!("vcpu {vcpu} out of range")));
+        }
+        Ok(self.inner.tracker.ring(vcpu).map_or(0, |r| r.len()))
     }
 
     /// Read-only buffer over the whole guest memory (for `numpy.frombuffer`).

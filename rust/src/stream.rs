@@ -242,24 +242,34 @@ fn send_batch(
         }
         meta.extend_from_slice(&p.to_le_bytes());
         stats.normal += 1;
-        let ptr = mem.page_words(page).as_ptr() as *const u8;
-        match runs.last_mut() {
-            Some((start, len)) if start.wrapping_add(*len) == ptr => *len += page_size,
-            _ => runs.push((ptr, page_size)),
-        }
+        push_run(
+            &mut runs,
+            mem.page_words(page).as_ptr() as *const u8,
+            page_size,
+        );
     }
     let payload = meta.len() - HEADER_LEN + stats.normal as usize * page_size;
     meta[..HEADER_LEN].copy_from_slice(&header(RecordType::Pages, payload));
     let mut iov = Vec::with_capacity(runs.len() + 1);
     iov.push((meta.as_ptr(), meta.len()));
     iov.extend(runs);
-    writev_all(stream, &mut iov)?;
+    vectored_all(stream, &mut iov, Direction::Send)?;
     stats.bytes = (HEADER_LEN + payload) as u64;
     Ok(stats)
 }
 
-/// `writev` until every byte of every run is written.
-fn writev_all(stream: &TcpStream, runs: &mut [(*const u8, usize)]) -> Result<(), StreamError> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Send,
+    Receive,
+}
+
+/// `writev` (or `readv`) until every byte of every run is transferred.
+fn vectored_all(
+    stream: &TcpStream,
+    runs: &mut [(*const u8, usize)],
+    dir: Direction,
+) -> Result<(), StreamError> {
     let fd = stream.as_raw_fd();
     let mut first = 0;
     while first < runs.len() {
@@ -271,20 +281,33 @@ fn writev_all(stream: &TcpStream, runs: &mut [(*const u8, usize)]) -> Result<(),
                 iov_len: len,
             })
             .collect();
-        // SAFETY: each iovec describes memory that stays valid for the call: `meta`, a Vec
-        // owned by the caller, or whole pages of the guest mapping, which the caller's
-        // `&GuestMemory` keeps alive. The kernel only reads these bytes. vCPUs may store to
-        // a page while the kernel copies it; those stores are atomic word writes followed by
-        // a dirty mark, so such a page is sent again in a later round (or the vCPUs are
-        // stopped, at switchover): a torn copy never survives. No Rust reference to the page
-        // bytes is created.
-        let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+        let n = match dir {
+            // SAFETY: each iovec describes memory that stays valid for the call: `meta`, a Vec
+            // owned by the caller, or whole pages of the guest mapping, which the caller's
+            // `&GuestMemory` keeps alive. The kernel only reads these bytes. vCPUs may store
+            // to a page while the kernel copies it; those stores are atomic word writes
+            // followed by a dirty mark, so such a page is sent again in a later round (or the
+            // vCPUs are stopped, at switchover): a torn copy never survives. No Rust
+            // reference to the page bytes is created.
+            Direction::Send => unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) },
+            // SAFETY: each iovec is a run of whole pages of the destination's guest mapping,
+            // checked in range by the caller and kept alive by its `&GuestMemory`. The kernel
+            // writes plain bytes there; every Rust access to guest memory goes through atomics
+            // on the same words, and an incoming guest has no vCPU running, so nothing races
+            // with this write. No Rust reference to the bytes is created.
+            Direction::Receive => unsafe {
+                libc::readv(fd, iov.as_ptr(), iov.len() as libc::c_int)
+            },
+        };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             return Err(e.into());
+        }
+        if n == 0 && dir == Direction::Receive {
+            return protocol("stream truncated inside page data");
         }
         let mut n = n as usize;
         while n > 0 {
@@ -303,6 +326,15 @@ fn writev_all(stream: &TcpStream, runs: &mut [(*const u8, usize)]) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Adds one page to a list of (pointer, length) runs, merging it with the previous run when
+/// the two are adjacent in memory.
+fn push_run(runs: &mut Vec<(*const u8, usize)>, ptr: *const u8, len: usize) {
+    match runs.last_mut() {
+        Some((start, run_len)) if start.wrapping_add(*run_len) == ptr => *run_len += len,
+        _ => runs.push((ptr, len)),
+    }
 }
 
 /// What the receiver got.
@@ -407,49 +439,33 @@ fn receive_pages(
             "page batch length {len} does not match its {count} entries ({expected})"
         ));
     }
+    let mut runs = Vec::new();
     for &e in &entries {
         let page = (e & !ZERO_PAGE) as usize;
         if e & ZERO_PAGE != 0 {
             zero_page(mem, page);
         } else {
-            read_into_page(stream, mem, page)?;
+            push_run(
+                &mut runs,
+                mem.page_words(page).as_ptr() as *const u8,
+                page_size,
+            );
         }
     }
+    vectored_all(stream, &mut runs, Direction::Receive)?;
     stats.bytes = (HEADER_LEN + len) as u64;
     Ok(stats)
 }
 
+/// Clears a page, skipping one that is already zero: a fresh destination is all zero, and
+/// writing zeros would only allocate memory for them (QEMU checks the same way).
 fn zero_page(mem: &GuestMemory, page: usize) {
+    if mem.is_zero_page(page) {
+        return;
+    }
     for w in mem.page_words(page) {
         w.store(0, std::sync::atomic::Ordering::Relaxed);
     }
-}
-
-/// Reads one page of data from the socket straight into guest memory.
-fn read_into_page(stream: &TcpStream, mem: &GuestMemory, page: usize) -> Result<(), StreamError> {
-    let fd = stream.as_raw_fd();
-    let base = mem.page_words(page).as_ptr() as *mut u8;
-    let size = mem.page_size();
-    let mut got = 0;
-    while got < size {
-        // SAFETY: `base + got .. base + size` lies inside page `page` of the guest mapping
-        // (checked in range above), which the caller's `&GuestMemory` keeps alive. The kernel
-        // writes plain bytes there; every Rust access to guest memory goes through atomics
-        // on the same words, and an incoming guest has no vCPU running, so nothing races
-        // with this write. No Rust reference to the bytes is created.
-        let n = unsafe { libc::read(fd, base.add(got) as *mut libc::c_void, size - got) };
-        match n {
-            0 => return protocol("stream truncated inside page data"),
-            n if n < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e.into());
-                }
-            }
-            n => got += n as usize,
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
