@@ -258,7 +258,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             if args.to:
                 uri = args.to
             else:
-                dest = LocalDestination.start(args.run_after)
+                dest = LocalDestination.start(args.run_after, args.mem_prealloc)
                 uri = dest.uri
             if args.defer:
                 print(f"waiting for QMP 'migrate' on {args.qmp} (destination {uri})", flush=True)
@@ -330,11 +330,11 @@ class LocalDestination:
         self.proc, self.uri, self.report = proc, uri, report
 
     @classmethod
-    def start(cls, run_after: float) -> LocalDestination:
+    def start(cls, run_after: float, mem_prealloc: bool = False) -> LocalDestination:
         fd, report = tempfile.mkstemp(prefix="dqmig-incoming-", suffix=".json")
         os.close(fd)
         cmd = [sys.executable, "-m", "dqmig", "incoming", "tcp:127.0.0.1:0", "--accept-timeout", "60"]
-        cmd += ["--run-after", str(run_after), "--report", report]
+        cmd += ["--run-after", str(run_after), "--report", report] + (["--mem-prealloc"] if mem_prealloc else [])
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         ready, _, _ = select.select([proc.stdout], [], [], cls.START_TIMEOUT_S)
         line = proc.stdout.readline() if ready else ""  # type: ignore[union-attr]
@@ -371,7 +371,7 @@ def peak_rss() -> int:
 
 
 def cmd_incoming(args: argparse.Namespace) -> int:
-    incoming = Incoming(args.uri, accept_timeout=args.accept_timeout)
+    incoming = Incoming(args.uri, accept_timeout=args.accept_timeout, mem_prealloc=args.mem_prealloc)
     print(f"dqmig incoming: listening on {incoming.address}", flush=True)
     try:
         result = incoming.run()
@@ -457,6 +457,7 @@ def _add_migrate_parser(sub: argparse._SubParsersAction) -> None:
         help="local destination runs the guest S s (1)",
     )
     p.add_argument("--report", default="dqmig-migration.json", metavar="PATH", help="JSON report path")
+    p.add_argument("--mem-prealloc", action="store_true", help="the local destination preallocates its memory")
     p.add_argument("--qmp", metavar="unix:PATH", help="serve a QMP control socket")
     p.add_argument("--defer", action="store_true", help="wait for a QMP 'migrate' command instead of starting")
     p.set_defaults(func=cmd_migrate)
@@ -473,6 +474,12 @@ def _add_incoming_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accept-timeout", type=_positive(float), default=None, metavar="S", help="give up if none arrives")
     p.add_argument("--run-after", type=_non_negative(float), default=1.0, metavar="S", help="run the resumed guest (1)")
     p.add_argument("--report", metavar="PATH", help="write a JSON report")
+    p.add_argument(
+        "--mem-prealloc",
+        action="store_true",
+        help="back all guest memory when the migration arrives (QEMU's -mem-prealloc), so pages land in "
+        "memory that is already faulted in; the time counts as setup",
+    )
     p.set_defaults(func=cmd_incoming)
 
 

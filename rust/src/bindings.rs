@@ -141,7 +141,13 @@ impl Guest {
         .map_err(to_py)
     }
 
-    /// xxh3-64 of the whole memory.
+    /// Backs every page now (QEMU's -mem-prealloc); False if the kernel refused.
+    fn prealloc(&self, py: Python<'_>) -> bool {
+        let g = self.inner.clone();
+        py.detach(move || g.memory.prealloc())
+    }
+
+    /// The memory digest: xxh3-64 over every page's xxh3-64, in page order.
     fn digest(&self, py: Python<'_>) -> u64 {
         let g = self.inner.clone();
         py.detach(move || g.memory.digest())

@@ -6,10 +6,12 @@
 //! soundness. Ordering between data and dirty bits is the tracker's job (write, then mark
 //! with `Release`; harvest with `Acquire`, then read).
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use memmap2::MmapMut;
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::Error;
 
@@ -23,7 +25,16 @@ pub struct GuestMemory {
     words: &'static [AtomicU64],
     page_size: usize,
     pages: usize,
+    /// `/proc/self/pagemap`, to learn which pages the kernel never backed (None if absent).
+    pagemap: Option<File>,
+    host_page: usize,
 }
+
+/// pagemap entry bits: the page is in RAM / in swap.
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+/// Longest run of guest pages one pagemap read covers, relative to the pages asked about.
+const PAGEMAP_SPAN_FACTOR: usize = 4;
 
 const _: () = assert!(std::mem::align_of::<AtomicU64>() == std::mem::align_of::<u64>());
 const _: () = assert!(std::mem::size_of::<AtomicU64>() == WORD);
@@ -58,11 +69,16 @@ impl GuestMemory {
         // through this atomic slice, so no `&mut` alias exists. The `'static` lifetime never
         // escapes: `words()` reborrows it with the lifetime of `&self`.
         let words = unsafe { std::slice::from_raw_parts(ptr, len / WORD) };
+        // SAFETY: sysconf has no preconditions.
+        let host_page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+        let pagemap = File::open("/proc/self/pagemap").ok();
         Ok(Self {
             _map: map,
             words,
             page_size,
             pages,
+            pagemap,
+            host_page,
         })
     }
 
@@ -157,6 +173,34 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// For each of `pages` (ascending), true if the kernel has never backed it: neither in
+    /// RAM nor in swap, so it reads as zero without being touched. False means unknown.
+    /// Reading a never-touched page costs a page fault; this asks the page tables instead.
+    pub fn unbacked(&self, pages: &[u64]) -> Vec<bool> {
+        let mut out = vec![false; pages.len()];
+        let (Some(pm), Some(&first), Some(&last)) = (&self.pagemap, pages.first(), pages.last())
+        else {
+            return out;
+        };
+        let span = (last - first + 1) as usize;
+        if last < first || span > pages.len() * PAGEMAP_SPAN_FACTOR || last as usize >= self.pages {
+            return out; // scattered dirty pages are backed anyway: not worth the read
+        }
+        let per_page = (self.page_size / self.host_page).max(1);
+        let base = self.as_ptr() as usize / self.host_page + first as usize * per_page;
+        let mut raw = vec![0u8; span * per_page * 8];
+        if pm.read_exact_at(&mut raw, (base * 8) as u64).is_err() {
+            return out;
+        }
+        let entry =
+            |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        for (o, &p) in out.iter_mut().zip(pages) {
+            let start = (p - first) as usize * per_page;
+            *o = (start..start + per_page).all(|i| entry(i) & (PM_PRESENT | PM_SWAPPED) == 0);
+        }
+        out
+    }
+
     pub fn is_zero_page(&self, page: usize) -> bool {
         self.page_words(page).iter().all(|w| w.load(Relaxed) == 0)
     }
@@ -169,16 +213,59 @@ impl GuestMemory {
         Ok(xxh3_64(&buf))
     }
 
-    /// xxh3-64 of the whole memory, page by page in order. Equal memories give equal digests
-    /// whatever their history; taken while vCPUs write it is a digest of some mix of states.
+    /// The memory digest: xxh3-64 over every page's xxh3-64, in page order. Equal memories
+    /// give equal digests whatever their history. Pages are hashed on up to `threads`
+    /// threads; pages the kernel never backed hash as zero pages without being touched.
+    /// Taken while vCPUs write, it digests some mix of states.
     pub fn digest(&self) -> u64 {
-        let mut hasher = Xxh3::new();
+        self.digest_with(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    pub fn digest_with(&self, threads: usize) -> u64 {
+        let zero_digest = xxh3_64(&vec![0u8; self.page_size]);
+        let mut digests = vec![0u64; self.pages];
+        let per_thread = self.pages.div_ceil(threads.max(1));
+        std::thread::scope(|s| {
+            for (t, out) in digests.chunks_mut(per_thread).enumerate() {
+                s.spawn(move || self.page_digests_into(t * per_thread, out, zero_digest));
+            }
+        });
+        let bytes: Vec<u8> = digests.iter().flat_map(|d| d.to_le_bytes()).collect();
+        xxh3_64(&bytes)
+    }
+
+    /// Digests of pages `first..first + out.len()`.
+    fn page_digests_into(&self, first: usize, out: &mut [u64], zero_digest: u64) {
+        const CHUNK: usize = 512;
         let mut buf = vec![0u8; self.page_size];
-        for page in 0..self.pages {
-            self.read_page_into(page, &mut buf);
-            hasher.update(&buf);
+        for (c, out) in out.chunks_mut(CHUNK).enumerate() {
+            let start = first + c * CHUNK;
+            let pages: Vec<u64> = (start as u64..(start + out.len()) as u64).collect();
+            for ((d, page), unbacked) in out.iter_mut().zip(start..).zip(self.unbacked(&pages)) {
+                *d = if unbacked {
+                    zero_digest
+                } else {
+                    self.read_page_into(page, &mut buf);
+                    xxh3_64(&buf)
+                };
+            }
         }
-        hasher.digest()
+    }
+
+    /// Backs every page now (QEMU's -mem-prealloc), so receiving a migration does not pay
+    /// a page fault per page. Returns false if the kernel could not populate the mapping.
+    pub fn prealloc(&self) -> bool {
+        // SAFETY: the range is exactly this mapping, which `self` keeps alive.
+        // MADV_POPULATE_WRITE only faults pages in (zero-filled, as they already read); it
+        // changes no byte of memory.
+        let rc = unsafe {
+            libc::madvise(
+                self.as_ptr() as *mut libc::c_void,
+                self.size(),
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        rc == 0
     }
 }
 
@@ -192,6 +279,34 @@ mod tests {
         assert_eq!(m.size(), 16 * 4096);
         assert!((0..16).all(|p| m.is_zero_page(p)));
         assert_eq!(m.as_ptr() as usize % 4096, 0, "page aligned");
+    }
+
+    #[test]
+    fn digest_is_thread_count_independent_and_sees_every_page() {
+        let m = GuestMemory::new(1500, 4096).unwrap();
+        let empty = m.digest_with(1);
+        m.write_words(1499, 511, 1, 1);
+        let one = m.digest_with(1);
+        assert_ne!(one, empty, "last word of last page counts");
+        assert_eq!(m.digest_with(3), one);
+        assert!(m.prealloc());
+        assert_eq!(m.digest_with(2), one, "prealloc changes no byte");
+    }
+
+    #[test]
+    fn untouched_pages_are_unbacked() {
+        let m = GuestMemory::new(64, 4096).unwrap();
+        m.write_words(3, 0, 1, 7);
+        let pages: Vec<u64> = (0..8).collect();
+        let unbacked = m.unbacked(&pages);
+        assert!(!unbacked[3], "a written page is backed");
+        if m.pagemap.is_some() {
+            assert!(unbacked[5], "an untouched page is not");
+        }
+        assert!(
+            m.unbacked(&[0, 63]).iter().all(|&u| !u),
+            "scattered: unknown"
+        );
     }
 
     #[test]

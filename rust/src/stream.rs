@@ -231,11 +231,12 @@ fn send_batch(
     meta.extend_from_slice(&0u32.to_le_bytes());
     // (pointer, length) runs of page data; adjacent pages merge into one run.
     let mut runs: Vec<(*const u8, usize)> = Vec::new();
-    for &p in pages {
+    let unbacked = mem.unbacked(pages);
+    for (&p, unbacked) in pages.iter().zip(unbacked) {
         let page = mem
             .check_page(p)
             .map_err(|e| StreamError::Protocol(e.to_string()))?;
-        if mem.is_zero_page(page) {
+        if unbacked || mem.is_zero_page(page) {
             meta.extend_from_slice(&(p | ZERO_PAGE).to_le_bytes());
             stats.zero += 1;
             continue;
@@ -440,10 +441,18 @@ fn receive_pages(
         ));
     }
     let mut runs = Vec::new();
-    for &e in &entries {
+    let pages: Vec<u64> = entries.iter().map(|e| e & !ZERO_PAGE).collect();
+    let unbacked = if stats.zero > 0 {
+        mem.unbacked(&pages)
+    } else {
+        vec![false; pages.len()]
+    };
+    for (&e, unbacked) in entries.iter().zip(unbacked) {
         let page = (e & !ZERO_PAGE) as usize;
         if e & ZERO_PAGE != 0 {
-            zero_page(mem, page);
+            if !unbacked {
+                zero_page(mem, page);
+            }
         } else {
             push_run(
                 &mut runs,

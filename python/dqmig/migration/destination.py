@@ -57,7 +57,14 @@ class Incoming:
     """Listens on `uri` for one migration. `accept_timeout` bounds the wait for the source
     (None = wait as long as it takes, like QEMU)."""
 
-    def __init__(self, uri: str, accept_timeout: float | None = None, io_timeout: float = channel.IO_TIMEOUT_S):
+    def __init__(
+        self,
+        uri: str,
+        accept_timeout: float | None = None,
+        io_timeout: float = channel.IO_TIMEOUT_S,
+        mem_prealloc: bool = False,
+    ):
+        self.mem_prealloc = mem_prealloc
         self.uri = uri
         self.accept_timeout = accept_timeout
         self.io_timeout = io_timeout
@@ -100,6 +107,8 @@ class Incoming:
             h = _native.decode_handshake(payload)
             check_handshake(h)
             guest = _native.Guest(h["pages"], h["page_size"], h["vcpus"], h["dirty_ring"])
+            if self.mem_prealloc and not guest.prealloc():
+                raise IncomingError("cannot preallocate guest memory (mem-prealloc)")
         except (StreamError, IncomingError, ValueError) as e:
             _tell(main, f"handshake refused: {e}")
             raise IncomingError(f"handshake refused: {e}") from None
