@@ -257,6 +257,8 @@ class VM:
         to whoever reads memory next, and every later write is logged."""
         self.guest.start_dirty_log()
         for v in self.all_writers:
+            v.kick()  # all at once, then wait for each
+        for v in self.all_writers:
             v.sync()
 
     def stop_dirty_log(self) -> None:
