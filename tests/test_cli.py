@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from dqmig.cli import main
 
 QUICK = ["run", "--seconds", "0.3", "--calc-time", "0.2", "--memory", "32M"]

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+
 from dqmig import _native
 from dqmig.programs import ProgramSpec, own_regions
 

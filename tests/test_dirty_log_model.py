@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dqmig import _native
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from dqmig import _native
 
 PAGES = 320  # more than a ring holds, so a burst can overflow into the backup bitmap
 VCPUS = 3

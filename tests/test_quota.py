@@ -6,10 +6,11 @@ from __future__ import annotations
 import threading
 
 import pytest
-from dqmig import _native
-from dqmig.programs import ProgramSpec
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from dqmig import _native
+from dqmig.programs import ProgramSpec
 
 # Exits under test come long before this; it only bounds a run if the exit never comes.
 LONG = 10.0

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from dqmig import _native
 from dqmig.programs import (
     KINDS,
@@ -16,8 +19,6 @@ from dqmig.programs import (
     preset,
 )
 from dqmig.units import GiB, KiB, MiB, format_size, parse_size
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 # -- parse_size --------------------------------------------------------------------------------
 

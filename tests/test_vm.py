@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+
 from dqmig import _native, dirtyrate
 from dqmig.programs import ProgramSpec, own_regions, preset
 from dqmig.sampler import Sampler

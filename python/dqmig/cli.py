@@ -14,10 +14,11 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from dqmig import __version__, dirtyrate
+from dqmig import __version__, dirtyrate, policies
 from dqmig.display import Progress
+from dqmig.migration.channel import parse_uri
 from dqmig.migration.destination import Incoming, IncomingError
-from dqmig.migration.params import MigrationParameters, parse_bandwidth
+from dqmig.migration.params import PARAMS, MigrationParameters, parse_bandwidth
 from dqmig.migration.source import Migration
 from dqmig.monitor import Monitor
 from dqmig.programs import PRESETS, own_regions, parse_program, preset
@@ -236,18 +237,42 @@ def migration_params(args: argparse.Namespace) -> MigrationParameters:
     p.set("x-max-iterations", args.max_iterations)
     p.set("x-max-time", args.max_time)
     p.set_capability("multifd", args.multifd)
+    policies.select(p, args.policy)
+    for item in args.param:
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--param {item!r}: expected NAME=VALUE")
+        p.set(name.strip(), _param_value(name.strip(), value.strip()))
     return p
+
+
+def _param_value(name: str, text: str) -> object:
+    spec = PARAMS.get(name)
+    if spec is None:
+        raise ValueError(f"--param: unknown migration parameter {name!r}")
+    if spec.kind is bool:
+        if text not in ("on", "off", "true", "false"):
+            raise ValueError(f"--param {name}: expected on or off, not {text!r}")
+        return text in ("on", "true")
+    try:
+        return spec.kind(text)
+    except ValueError:
+        raise ValueError(f"--param {name}: {text!r} is not a number") from None
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     config = vm_config(args)
     params = migration_params(args)
+    params.check_capabilities(config.dirty_ring)
+    if args.to:
+        parse_uri(args.to)  # a bad URI is a usage error, before anything starts
     vm = VM(config)
     monitor = Monitor(vm, params)
     qmp = QmpServer(args.qmp, monitor).start() if args.qmp else None
     dest: LocalDestination | None = None
     print(
-        f"dqmig migrate: {config.vcpus} vCPUs, {format_size(config.memory)}, workload {args.workload}; "
+        f"dqmig migrate: {config.vcpus} vCPUs, {format_size(config.memory)}, workload {args.workload}, "
+        f"policy {args.policy}; "
         f"max-bandwidth {params.max_bandwidth} B/s, downtime-limit {params.downtime_limit} ms, "
         f"{'multifd ' + str(params.multifd_channels) + ' channels' if params.capabilities['multifd'] else '1 channel'}",
         flush=True,
@@ -429,9 +454,24 @@ def _add_migrate_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument(
         "--max-bandwidth",
         type=_bandwidth,
-        default=MigrationParameters.max_bandwidth,
+        default=PARAMS["max-bandwidth"].default,
         metavar="RATE",
         help="bytes/s, or forms like 1Gbit, 100Mbit, 125M; 0 = unlimited (default 128 MiB/s)",
+    )
+    m.add_argument(
+        "--policy",
+        choices=sorted(policies.POLICIES),
+        default="none",
+        help="throttling policy, as a capability: none (plain pre-copy), auto-converge, dirty-limit "
+        "(needs --dirty-ring), dirty-quota (default none)",
+    )
+    m.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any migration parameter by QEMU's name, e.g. cpu-throttle-increment=20, vcpu-dirty-limit=10, "
+        "x-dirty-quota-interval=10, x-dirty-quota-skip-bulk=on (repeatable; see query-migrate-parameters)",
     )
     m.add_argument("--downtime-limit", type=_non_negative(int), default=300, metavar="MS", help="ms (default 300)")
     m.add_argument("--multifd", action="store_true", help="capability multifd: parallel page channels")

@@ -38,6 +38,9 @@ class Monitor:
             "migrate": self.migrate,
             "query-migrate": self.query_migrate,
             "migrate_cancel": self.migrate_cancel,
+            "set-vcpu-dirty-limit": self.set_vcpu_dirty_limit,
+            "cancel-vcpu-dirty-limit": self.cancel_vcpu_dirty_limit,
+            "query-vcpu-dirty-limit": self.query_vcpu_dirty_limit,
             "query-commands": lambda a: [{"name": n} for n in sorted(self.commands)],
         }
 
@@ -74,20 +77,33 @@ class Monitor:
         return {}
 
     def migrate_set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
+        """All or nothing. During a migration only dirty-quota may change (dqmig's live
+        toggle, beyond QEMU): the migration switches policy at its next step."""
         caps = _arg(args, "capabilities", list)
-        if self.migrating:
-            raise QmpError("There's a migration process in progress")
+        staged = self.params.copy()
         for c in caps:
             if not isinstance(c, dict) or set(c) != {"capability", "state"}:
                 raise QmpError("Each capability needs exactly 'capability' and 'state'")
+            if self.migrating and c["capability"] != "dirty-quota":
+                raise QmpError("There's a migration process in progress")
             try:
-                self.params.set_capability(c["capability"], c["state"])
+                staged.set_capability(c["capability"], c["state"])
             except ValueError as e:
                 raise QmpError(str(e)) from None
+        try:
+            staged.check_capabilities(self.vm.guest.dirty_ring)
+        except ValueError as e:
+            raise QmpError(str(e)) from None
+        self.params.capabilities = staged.capabilities
+        if self.migrating:
+            from dqmig.policies import policy_name
+
+            assert self.migration is not None
+            self.migration.request_policy(policy_name(self.params), "migrate-set-capabilities")
         return {}
 
     def migrate_set_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
-        staged = MigrationParameters(**{**self.params.__dict__, "capabilities": dict(self.params.capabilities)})
+        staged = self.params.copy()
         for name, value in args.items():
             try:
                 staged.set(name, value)
@@ -120,6 +136,43 @@ class Monitor:
 
     def query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.migration.query() if self.migration else {}
+
+    def _limiter(self) -> Any:
+        from dqmig.policies.dirtylimit import DirtyLimiter
+
+        if self.vm.dirty_limiter is None:
+            try:
+                self.vm.dirty_limiter = DirtyLimiter(self.vm)
+            except ValueError as e:
+                raise QmpError(str(e)) from None
+        return self.vm.dirty_limiter
+
+    def set_vcpu_dirty_limit(self, args: dict[str, Any]) -> dict[str, Any]:
+        rate = _arg(args, "dirty-rate", int)
+        cpu = args.get("cpu-index")
+        if cpu is not None and not isinstance(cpu, int):
+            raise QmpError("Invalid parameter type for 'cpu-index', expected: int")
+        if rate < 1:
+            raise QmpError("Parameter 'dirty-rate' expects a rate >= 1 MB/s")
+        try:
+            self._limiter().set(rate, cpu)
+        except ValueError as e:
+            raise QmpError(str(e)) from None
+        return {}
+
+    def cancel_vcpu_dirty_limit(self, args: dict[str, Any]) -> dict[str, Any]:
+        cpu = args.get("cpu-index")
+        if cpu is not None and not isinstance(cpu, int):
+            raise QmpError("Invalid parameter type for 'cpu-index', expected: int")
+        if self.vm.dirty_limiter is not None:
+            try:
+                self.vm.dirty_limiter.cancel(cpu)
+            except ValueError as e:
+                raise QmpError(str(e)) from None
+        return {}
+
+    def query_vcpu_dirty_limit(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.vm.dirty_limiter.query() if self.vm.dirty_limiter is not None else []
 
     def migrate_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.migration is not None:

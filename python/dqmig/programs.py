@@ -13,7 +13,7 @@ PRESETS = ("idle", "uniform", "skewed", "stress", "hot-cold", "sequential")
 # Parameters each kind takes beyond the common ones, with defaults.
 _KIND_PARAMS: dict[str, dict[str, float]] = {
     "hot-cold": {"hot_fraction": 0.1, "hot_probability": 0.9},
-    "read-mostly": {"write_share": 0.001, "compute": 64},
+    "read-mostly": {"write_share": 0.0001, "compute": 256},
 }
 _COMMON = ("region_start", "region_pages", "write_size", "rate", "seed", "steps")
 
@@ -115,7 +115,7 @@ def preset(name: str, vcpus: int, pages: int, seed: int = 0, writer_rate: float 
     """Per-vCPU programs for a workload preset; each vCPU works in its own region.
 
     idle: every vCPU halts.  uniform: every vCPU writes random pages.
-    skewed: vCPU 0 writes random pages, the others are read-mostly (compute, 0.1 % writes).
+    skewed: vCPU 0 writes random pages, the others are read-mostly (compute, 0.01 % writes).
     stress: guestperf's stress on every vCPU, flat out.  hot-cold: 90 % of writes to 10 %
     of pages.  sequential: every vCPU writes its pages in order.
     Writers (all but stress and read-mostly) run at `writer_rate` steps/s, 0 = flat out.

@@ -51,7 +51,7 @@ class Session:
             return None
         try:
             request = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             return _error(f"JSON parse error, {e}")
         if not isinstance(request, dict):
             return _error("QMP input must be a JSON object")

@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from dqmig import _native
 from dqmig.programs import ProgramSpec, classify, preset
@@ -78,12 +78,14 @@ class ExitHandler(Protocol):
 
 
 class ContinueHandler:
-    """The default: no throttling. Reaps a full dirty ring and turns off a spent quota that
-    no policy owns, so the vCPU simply continues."""
+    """The default: no throttling. Reaps a full dirty ring (then applies a QMP dirty limit,
+    if one is set) and turns off a spent quota that no policy owns, so the vCPU continues."""
 
     def handle_exit(self, vm: VM, vcpu: _native.Vcpu, exit: _native.Exit) -> None:
         if exit.reason == "DIRTY_RING_FULL":
             vm.guest.reap()
+            if vm.dirty_limiter is not None:
+                vm.dirty_limiter.on_ring_full(vm, vcpu)
         elif exit.reason == "DIRTY_QUOTA_EXHAUSTED":
             vcpu.quota = 0
 
@@ -117,6 +119,7 @@ class VM:
         self.vcpus = [_native.Vcpu(self.guest, i, p.to_json(), config.pml_batch) for i, p in enumerate(programs)]
         self.dma = _native.Vcpu.device(self.guest, config.dma.to_json()) if config.dma else None
         self.handler: ExitHandler = handler or ContinueHandler()
+        self.dirty_limiter: Any = None  # a policies.dirtylimit.DirtyLimiter once a limit is set
         n = len(self.all_writers)
         self.sleep_ns = [0] * n  # throttle sleep per writer (vCPUs, then the DMA writer)
         self.handler_ns = [0] * n  # time spent in the exit handler

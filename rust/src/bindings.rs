@@ -510,9 +510,16 @@ impl Channel {
         })
     }
 
-    /// Shuts the connection down both ways: blocked reads and writes return at once.
-    fn shutdown(&self) {
-        let _ = self.control.shutdown(std::net::Shutdown::Both);
+    /// Shuts the connection down (both ways, or only reading with `read_only`): blocked
+    /// reads (and writes) return at once.
+    #[pyo3(signature = (read_only=false))]
+    fn shutdown(&self, read_only: bool) {
+        let how = if read_only {
+            std::net::Shutdown::Read
+        } else {
+            std::net::Shutdown::Both
+        };
+        let _ = self.control.shutdown(how);
     }
 }
 

@@ -70,6 +70,15 @@ impl Bitmap {
             .sum()
     }
 
+    /// Bits set in this bitmap or `other` (same size), word by word.
+    pub fn count_union(&self, other: &Bitmap) -> usize {
+        self.words
+            .iter()
+            .zip(other.words.iter())
+            .map(|(a, b)| (a.load(Relaxed) | b.load(Relaxed)).count_ones() as usize)
+            .sum()
+    }
+
     /// Takes and clears every set bit, calling `f` for each in ascending order. Zero words
     /// are skipped with a plain load: a bit set after that load is left for the next take.
     pub fn take(&self, mut f: impl FnMut(usize)) {
@@ -232,9 +241,7 @@ impl DirtyTracker {
     /// Pages dirty now, without clearing: what the next harvest would at least return.
     pub fn count(&self) -> usize {
         if self.ring_mode() {
-            (0..self.pages())
-                .filter(|&p| self.dirty.test(p) || self.collected.test(p))
-                .count()
+            self.dirty.count_union(&self.collected)
         } else {
             self.dirty.count()
         }

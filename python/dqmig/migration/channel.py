@@ -6,9 +6,14 @@ accepts TCP connections, hands each socket to a Channel, and encodes control pay
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import select
 import socket
 import struct
+import threading
+import time
 from typing import Any
 
 from dqmig import _native
@@ -19,6 +24,7 @@ REC_NAME = {v: k for k, v in REC.items()}
 # Waits on the wire never block forever.
 CONNECT_TIMEOUT_S = 10.0
 IO_TIMEOUT_S = 30.0
+POLL_S = 0.1
 
 StreamError = _native.MigrationStreamError
 
@@ -33,12 +39,35 @@ def parse_uri(uri: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def connect(uri: str, timeout: float = CONNECT_TIMEOUT_S, io_timeout: float = IO_TIMEOUT_S) -> _native.Channel:
+def connect(
+    uri: str,
+    timeout: float = CONNECT_TIMEOUT_S,
+    io_timeout: float = IO_TIMEOUT_S,
+    cancel: threading.Event | None = None,
+) -> _native.Channel:
+    """Connects (non-blocking, so `cancel` ends the wait at once) and wraps the socket."""
     host, port = parse_uri(uri)
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
     except OSError as e:
         raise ConnectionError(f"cannot connect to {uri}: {e.strerror or e}") from None
+    try:
+        sock.setblocking(False)
+        err = sock.connect_ex(addr)
+        deadline = time.monotonic() + timeout
+        while err in (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN):
+            if cancel is not None and cancel.is_set():
+                raise ConnectionError(f"connecting to {uri} was cancelled")
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"cannot connect to {uri}: timed out after {timeout:g} s")
+            if select.select([], [sock], [], POLL_S)[1]:
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise ConnectionError(f"cannot connect to {uri}: {os.strerror(err)}")
+    except BaseException:
+        sock.close()
+        raise
     return wrap(sock, io_timeout)
 
 

@@ -49,7 +49,9 @@ def check_handshake(h: dict[str, Any]) -> None:
         raise IncomingError(f"handshake: {h['vcpus']} vCPUs (allowed 1..{MAX_VCPUS})")
     if not 1 <= h["channels"] <= MAX_CHANNELS:
         raise IncomingError(f"handshake: {h['channels']} channels (allowed 1..{MAX_CHANNELS})")
-    if h["pages"] == 0 or size > host_memory():
+    if h["pages"] == 0:
+        raise IncomingError("handshake: a guest of 0 pages")
+    if size > host_memory():
         raise IncomingError(f"handshake: guest of {size} bytes does not fit this host's memory")
 
 
@@ -78,8 +80,8 @@ class Incoming:
         host, port = self.listener.getsockname()[:2]
         return f"tcp:{host}:{port}" if ":" not in host else f"tcp:[{host}]:{port}"
 
-    def _accept(self) -> _native.Channel:
-        self.listener.settimeout(self.accept_timeout)
+    def _accept(self, timeout: float | None) -> _native.Channel:
+        self.listener.settimeout(timeout)
         try:
             sock, _ = self.listener.accept()
         except TimeoutError:
@@ -98,7 +100,7 @@ class Incoming:
                 ch.shutdown()
 
     def _run(self) -> IncomingResult:
-        main = self._accept()
+        main = self._accept(self.accept_timeout)
         self._channels.append(main)
         t, payload, _ = main.receive(None)
         if REC_NAME.get(t) != "Handshake":
@@ -118,13 +120,23 @@ class Incoming:
         try:
             state, complete = self._receive_main(main, guest)
         except BaseException as e:
-            _tell(main, str(e))
+            # A failed page channel stops the main channel's reads; report its error instead.
+            reason = f"page channel failed: {self._errors[0]}" if self._errors else str(e)
+            _tell(main, reason)
+            if self._errors:
+                raise IncomingError(reason) from None
             raise
         finally:
             for w in workers:
                 w.join(self.io_timeout)
+        if any(w.is_alive() for w in workers):
+            # Never resume while a channel could still write guest memory.
+            for ch in self._channels[1:]:
+                ch.shutdown()
+            _tell(main, "a page channel did not finish")
+            raise IncomingError("a page channel did not finish")
         if self._errors:
-            _tell(main, str(self._errors[0]))
+            _tell(main, f"page channel failed: {self._errors[0]}")
             raise IncomingError(f"page channel failed: {self._errors[0]}")
         self.result.vm = self._verify_and_resume(main, guest, state, complete)
         return self.result
@@ -134,7 +146,7 @@ class Incoming:
         barrier = threading.Barrier(n, timeout=self.io_timeout)
         chans: dict[int, Any] = {}
         for _ in range(n):
-            ch = self._accept()
+            ch = self._accept(self.io_timeout)  # the source opens them right after the ack
             self._channels.append(ch)
             _, payload = channel.expect(ch, "ChannelHello")
             index = channel.decode_u64("ChannelHello", payload)
@@ -166,8 +178,10 @@ class Incoming:
         except BaseException as e:
             self._errors.append(e)
             barrier.abort()
-            for other in self._channels:
+            main, *pages = self._channels
+            for other in pages:
                 other.shutdown()
+            main.shutdown(read_only=True)  # unblock the main thread, which tells the source why
 
     def _count(self, stats: tuple[int, int, int]) -> None:
         r = self.result
@@ -209,11 +223,16 @@ class Incoming:
             raise IncomingError(msg)
         try:
             vm = _vm_from_device_state(guest, state)
-        except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
-            _tell(main, f"bad device state: {e}")
-            raise IncomingError(f"bad device state: {e}") from None
+        except Exception as e:  # any malformed shape is the stream's fault, not a crash
+            reason = f"bad device state: {e or type(e).__name__}"
+            _tell(main, reason)
+            raise IncomingError(reason) from None
         vm.start()  # the guest runs here now: downtime ends
-        channel.send_json(main, "Resumed", {"verify_time": self.result.verify_time})
+        try:
+            channel.send_json(main, "Resumed", {"verify_time": self.result.verify_time})
+        except (StreamError, OSError) as e:
+            vm.stop()  # the source will resume its copy: never run two
+            raise IncomingError(f"cannot confirm the resume to the source: {e}") from None
         return vm
 
 

@@ -1,42 +1,94 @@
-"""Migration parameters and capabilities, with QEMU's names, units and defaults."""
+"""Migration parameters and capabilities, with QEMU's names, units and defaults.
+
+dqmig's own parameters carry QEMU's `x-` prefix for experimental ones.
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 from dqmig.units import MiB
 
-# Capabilities (migrate-set-capabilities). The wire carries them as bits.
-CAPABILITIES = ("multifd",)
+# Capabilities (migrate-set-capabilities). The wire carries them as bits, in this order.
+CAPABILITIES = ("multifd", "auto-converge", "dirty-limit", "dirty-quota")
 
 
-@dataclass
+@dataclass(frozen=True)
+class Param:
+    default: Any
+    kind: type  # int, float or bool
+    lo: float = 0
+    hi: float = 1 << 62
+    doc: str = ""
+
+
+PARAMS: dict[str, Param] = {
+    # pre-copy (QEMU)
+    "downtime-limit": Param(300, int, 0, 2_000_000, "ms"),
+    "max-bandwidth": Param(128 * MiB, int, 0, 1 << 62, "bytes/s; 0 = unlimited"),
+    "multifd-channels": Param(2, int, 1, 255, "page channels with multifd"),
+    # auto-converge (QEMU)
+    "throttle-trigger-threshold": Param(50, int, 1, 100, "% of transferred bytes dirtied that triggers"),
+    "cpu-throttle-initial": Param(20, int, 1, 99, "%"),
+    "cpu-throttle-increment": Param(10, int, 1, 99, "%"),
+    "cpu-throttle-tailslow": Param(False, bool, doc="smaller increments near the ideal"),
+    "max-cpu-throttle": Param(99, int, 1, 99, "%"),
+    "x-cpu-throttle-periodic-sync": Param(False, bool, doc="QEMU 9.2: force a dirty sync every 5 s"),
+    # dirty-limit (QEMU 8.1)
+    "x-vcpu-dirty-limit-period": Param(1000, int, 1, 1000, "ms between dirty-rate measurements"),
+    "vcpu-dirty-limit": Param(1, int, 1, 1 << 40, "MB/s per vCPU once triggered"),
+    # dirty quota (the KVM/QEMU patch series, done as intended, and beyond)
+    "x-dirty-quota-interval": Param(10, int, 1, 1000, "ms per quota interval"),
+    "x-dirty-quota-window": Param(500, int, 1, 60_000, "ms of throughput measurements averaged"),
+    "x-dirty-quota-ratio": Param(2.0, float, 0.1, 100, "dirty budget = throughput / ratio"),
+    "x-dirty-quota-initial-throughput": Param(125_000_000, int, 1, 1 << 40, "bytes/s assumed at first"),
+    "x-dirty-quota-dma": Param(True, bool, doc="the DMA writer gets its quota from the same budget"),
+    "x-dirty-quota-skip-bulk": Param(False, bool, doc="no throttling during the first (bulk) iteration"),
+    "x-dirty-quota-fallback": Param(True, bool, doc="fall back to auto-converge when over-throttling"),
+    # dqmig: give up when pre-copy does not converge (guestperf: 30 iterations or 300 s); 0 = never
+    "x-max-iterations": Param(0, int, 0, 1 << 31),
+    "x-max-time": Param(0.0, float, 0, 1e9, "s"),
+}
+
+
 class MigrationParameters:
-    """QEMU's `migrate-set-parameters` fields (attribute names use _ for QEMU's -)."""
+    """QEMU's `migrate-set-parameters` and `migrate-set-capabilities` state. Attributes use
+    _ for QEMU's - (`p.downtime_limit`); `set` takes QEMU's names and checks type and range."""
 
-    downtime_limit: int = 300  # ms
-    max_bandwidth: int = 128 * MiB  # bytes/s; 0 = unlimited
-    multifd_channels: int = 2
-    # dqmig's own, experimental (x-): give up when pre-copy does not converge, as guestperf
-    # does after 30 iterations or 300 s. 0 = no cap.
-    x_max_iterations: int = 0
-    x_max_time: float = 0.0  # s
-    capabilities: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(CAPABILITIES, False))
+    def __init__(self, **overrides: Any) -> None:
+        self.capabilities: dict[str, bool] = dict.fromkeys(CAPABILITIES, False)
+        for name, spec in PARAMS.items():
+            setattr(self, _attr(name), spec.default)
+        for attr, value in overrides.items():
+            self.set(attr.replace("_", "-"), value)
+
+    def __getattr__(self, attr: str) -> Any:  # only for type checkers; real values are set above
+        raise AttributeError(attr)
+
+    def copy(self) -> MigrationParameters:
+        p = MigrationParameters()
+        p.__dict__.update(self.__dict__)
+        p.capabilities = dict(self.capabilities)
+        return p
 
     def set(self, name: str, value: Any) -> None:
-        """Sets one parameter by its QEMU name, checking type and range."""
-        attr = name.replace("-", "_")
-        kinds = {f.name: f.type for f in fields(self) if f.name != "capabilities"}
-        if attr not in kinds:
+        spec = PARAMS.get(name.replace("_", "-"))
+        if spec is None:
             raise ValueError(f"Parameter '{name}' is unexpected")
-        want = float if kinds[attr] in (float, "float") else int
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"Parameter '{name}' expects a number")
-        value = want(value)
-        _check_range(name, value)
-        setattr(self, attr, value)
+        if spec.kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"Parameter '{name}' expects a boolean")
+        else:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"Parameter '{name}' expects a number")
+            if spec.kind is int and value != int(value):
+                raise ValueError(f"Parameter '{name}' expects an integer")
+            value = spec.kind(value)
+            if not spec.lo <= value <= spec.hi:
+                raise ValueError(f"Parameter '{name}' expects a value in [{spec.lo:g}, {spec.hi:g}], not {value}")
+        setattr(self, _attr(name), value)
 
     def set_capability(self, name: str, state: bool) -> None:
         if name not in self.capabilities:
@@ -45,9 +97,19 @@ class MigrationParameters:
             raise ValueError(f"Capability '{name}' state must be true or false")
         self.capabilities[name] = state
 
+    def check_capabilities(self, dirty_ring: int) -> None:
+        """QEMU's combination checks."""
+        caps = self.capabilities
+        if caps["dirty-limit"] and caps["auto-converge"]:
+            raise ValueError("dirty-limit conflicts with auto-converge, only one of them is available currently")
+        if caps["dirty-quota"] and (caps["auto-converge"] or caps["dirty-limit"]):
+            raise ValueError("dirty-quota conflicts with auto-converge and dirty-limit: choose one throttle")
+        if caps["dirty-limit"] and not dirty_ring:
+            raise ValueError("dirty-limit requires the dirty ring (a guest with dirty-ring-size set)")
+
     def as_qmp(self) -> dict[str, Any]:
         """query-migrate-parameters."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "capabilities"}
+        return {name: getattr(self, _attr(name)) for name in PARAMS}
 
     def capabilities_qmp(self) -> list[dict[str, Any]]:
         """query-migrate-capabilities."""
@@ -62,19 +124,8 @@ class MigrationParameters:
         return self.multifd_channels if self.capabilities["multifd"] else 1
 
 
-_RANGES = {
-    "downtime-limit": (0, 2_000_000),  # QEMU: up to 2000 s
-    "max-bandwidth": (0, 1 << 62),
-    "multifd-channels": (1, 255),
-    "x-max-iterations": (0, 1 << 31),
-    "x-max-time": (0, 1e9),
-}
-
-
-def _check_range(name: str, value: float) -> None:
-    lo, hi = _RANGES[name.replace("_", "-")]
-    if not lo <= value <= hi:
-        raise ValueError(f"Parameter '{name}' expects a value in [{lo}, {hi}], not {value}")
+def _attr(name: str) -> str:
+    return name.replace("-", "_")
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)(bit|b|B|bps)?(/s)?\s*$")

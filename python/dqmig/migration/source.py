@@ -19,6 +19,7 @@ import numpy as np
 from dqmig.migration import channel
 from dqmig.migration.channel import REC, StreamError
 from dqmig.migration.params import MigrationParameters
+from dqmig.policies import Policy, make_policy
 from dqmig.vm import VM
 
 WINDOW_S = 0.100  # QEMU's BUFFER_DELAY: rate-limit and bandwidth window
@@ -87,6 +88,11 @@ class Migration:
         self._period_new_dirty = 0
         self._paused_by_us = False
         self._last_sample: dict[str, Any] | None = None
+        self.new_dirty_pages = 0  # pages newly dirtied, summed over syncs (auto-converge trigger)
+        self._last_sync_t = 0.0
+        self.policy: Policy | None = None
+        self.policy_changes: list[dict[str, Any]] = []
+        self._policy_request: tuple[str, str] | None = None
 
     # -- control ---------------------------------------------------------------------------
 
@@ -134,16 +140,17 @@ class Migration:
         except NotConverged as e:
             self.converged = False
             self._fail("cancelled", str(e))
-        except (StreamError, OSError, ValueError) as e:
+        except Exception as e:  # anything else fails the migration; the source VM runs on
             if self._cancel.is_set():
                 self._fail("cancelled", getattr(self, "_cancel_reason", "cancelled"))
             else:
-                self._fail("failed", str(e))
+                self._fail("failed", str(e) if isinstance(e, StreamError | OSError | ValueError) else repr(e))
         finally:
             self.total_time = time.monotonic() - self.t_start
             self._close()
 
     def _fail(self, status: str, reason: str) -> None:
+        self._stop_policy()
         self.vm.stop_dirty_log()
         if self._paused_by_us:
             self.vm.resume()
@@ -164,7 +171,7 @@ class Migration:
 
     def _setup(self) -> None:
         p, g = self.params, self.vm.guest
-        self._main = channel.connect(self.uri)
+        self._main = channel.connect(self.uri, cancel=self._cancel)
         hs = _native_handshake(g, p)
         self._main.send_record(REC["Handshake"], hs)
         channel.expect(self._main, "HandshakeAck")
@@ -172,7 +179,7 @@ class Migration:
             self._channels = []
             for i in range(p.multifd_channels):
                 self._check_cancel()
-                ch = channel.connect(self.uri)
+                ch = channel.connect(self.uri, cancel=self._cancel)
                 channel.send_u64(ch, "ChannelHello", i)
                 self._channels.append(ch)
             self._pool = ThreadPoolExecutor(len(self._channels), thread_name_prefix="multifd")
@@ -185,8 +192,37 @@ class Migration:
         self.dirty_sync_count = 1
         now = time.monotonic()
         self.setup_time = now - self.t_start
-        self._window_start = self._period_start = now
+        self._window_start = self._period_start = self._last_sync_t = now
+        self._start_policy(make_policy(self.vm, self.params), "setup")
         self._sample("setup")
+
+    # -- throttling ------------------------------------------------------------------------
+
+    def _start_policy(self, policy: Policy, reason: str) -> None:
+        self.policy = policy
+        self.policy_changes.append(
+            {"t": round(time.monotonic() - self.t_start, 4), "policy": policy.name, "reason": reason}
+        )
+        policy.start(self)
+
+    def _stop_policy(self) -> None:
+        if self.policy is not None:
+            self.policy.stop()
+
+    def request_policy(self, name: str, reason: str) -> None:
+        """Switches the throttling policy at the migration thread's next step (QMP toggling a
+        capability mid-migration, or dirty-quota falling back to auto-converge)."""
+        self._policy_request = (name, reason)
+
+    def _apply_policy_request(self) -> None:
+        request, self._policy_request = self._policy_request, None
+        if request is None:
+            return
+        name, reason = request
+        if self.policy is not None and self.policy.name == name:
+            return
+        self._stop_policy()
+        self._start_policy(make_policy(self.vm, self.params, name), reason)
 
     # -- pre-copy --------------------------------------------------------------------------
 
@@ -198,6 +234,10 @@ class Migration:
         while True:
             self._check_cancel()
             self._check_caps()
+            self._apply_policy_request()
+            periodic = self.policy.periodic_sync_s if self.policy else 0.0
+            if periodic and time.monotonic() - self._last_sync_t >= periodic:
+                self._sync()  # QEMU 9.2: a long iteration still syncs (and re-checks the throttle)
             if self.remaining < self.threshold or self._dirty_count == 0:
                 self._sync()
                 if self.remaining < self.threshold or self._dirty_count == 0:
@@ -288,6 +328,8 @@ class Migration:
         self.pages_per_second = self._window_pages / elapsed
         self.threshold = self.bandwidth * self.params.downtime_limit / 1000
         self._window_start, self._window_bytes, self._window_pages = now, 0, 0
+        if self.policy is not None:
+            self.policy.on_tick(self)
         self._sample("tick")
 
     def _sync(self) -> None:
@@ -298,11 +340,14 @@ class Migration:
         self._dirty[harvested] = True
         self._dirty_count += new
         self._period_new_dirty += new
+        self.new_dirty_pages += new
         self.dirty_sync_count += 1
-        now = time.monotonic()
+        now = self._last_sync_t = time.monotonic()
         if now - self._period_start >= DIRTY_RATE_PERIOD_S:
             self.dirty_pages_rate = self._period_new_dirty / (now - self._period_start)
             self._period_start, self._period_new_dirty = now, 0
+        if self.policy is not None:
+            self.policy.on_sync(self)
         self._barrier()
         channel.send_json(self._main, "Iteration", {"n": self.dirty_sync_count, "remaining": self.remaining})
         self._sample("sync")
@@ -319,8 +364,10 @@ class Migration:
     def _complete(self) -> None:
         self.status = "device"
         self.t_stop = time.monotonic()
-        self.vm.pause()  # downtime starts
-        self._paused_by_us = True
+        was_running = self.vm.running
+        self.vm.pause()  # downtime starts; ends every throttle sleep at once
+        self._paused_by_us = was_running  # a guest the user had stopped stays stopped on failure
+        self._stop_policy()
         self._sample("stop")
         harvested = self.vm.guest.harvest()
         self._dirty[harvested] = True
@@ -391,6 +438,8 @@ class Migration:
                 "precopy-bytes": self.precopy_bytes,
                 "downtime-bytes": self.downtime_bytes,
             }
+        if self.policy is not None and self.policy.active:
+            out.update(self.policy.query())
         if self.error_desc:
             out["error-desc"] = self.error_desc
         return out
@@ -402,7 +451,13 @@ class Migration:
         prev = self._last_sample
         vcpus = []
         for i, c in enumerate(counters):
-            row = {"progress": c["progress"], "pages-dirtied": c["pages_dirtied"], "sleep-ns": c["sleep_ns"]}
+            row = {
+                "progress": c["progress"],
+                "pages-dirtied": c["pages_dirtied"],
+                "sleep-ns": c["sleep_ns"],
+                "quota-exits": c["exits"]["DIRTY_QUOTA_EXHAUSTED"],
+                "ring-full-exits": c["exits"]["DIRTY_RING_FULL"],
+            }
             if prev and now > prev["_t"]:
                 dt = now - prev["_t"]
                 row["progress-rate"] = (c["progress"] - prev["vcpus"][i]["progress"]) / dt
@@ -410,6 +465,9 @@ class Migration:
         sample = {"t": round(now - self.t_start, 4), "_t": now, "event": event, **self.query()}
         sample["threshold"] = int(self.threshold)
         sample["vcpus"] = vcpus
+        if self.policy is not None:
+            sample["policy"] = self.policy.name
+            sample.update(self.policy.sample())
         self._last_sample = sample
         self.samples.append(sample)
 
@@ -421,6 +479,7 @@ class Migration:
             "capabilities": self.params.capabilities_qmp(),
             "result": self.query(),
             "converged": self.converged,
+            "policy-changes": self.policy_changes,
             "verify-time": None if self.verify_time is None else int(self.verify_time * 1000),
             "samples": samples,
         }

@@ -1,0 +1,125 @@
+"""QEMU's auto-converge: one throttle percentage for every vCPU, raised at dirty syncs while
+the guest dirties more than a share of what the network carries."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from dqmig import _native
+from dqmig.policies.base import Policy, now
+
+if TYPE_CHECKING:
+    from dqmig.migration.source import Migration
+
+TIMESLICE_S = 0.010  # CPU_THROTTLE_TIMESLICE: each vCPU runs this long between sleeps
+PERIOD_S = 1.0  # the trigger is checked at a dirty sync at most once per period
+PERIODIC_SYNC_S = 5.0  # QEMU 9.2: forced dirty sync when an iteration runs longer
+
+
+class Trigger:
+    """QEMU's migration_trigger_throttle, shared by auto-converge and dirty-limit.
+
+    At a dirty sync >= 1 s after the period began: the bytes newly dirtied in the period are
+    compared with the bytes sent in it; above `throttle-trigger-threshold` % and at the
+    second such hit, it fires. Quirk kept from QEMU: the hit count is never reset when the
+    condition is false, so two hits need not be consecutive.
+    """
+
+    def __init__(self, threshold_pct: int) -> None:
+        self.threshold_pct = threshold_pct
+        self.high_count = 0
+        self.period_start: float | None = None
+        self.dirty_at_start = 0
+        self.xfer_at_start = 0
+        self.bytes_dirty_period = 0
+        self.bytes_dirty_threshold = 0.0
+
+    def check(self, m: Migration, t: float) -> bool:
+        if self.period_start is None:
+            self._reset(m, t)
+            return False
+        if t - self.period_start < PERIOD_S:
+            return False
+        self.bytes_dirty_period = (m.new_dirty_pages - self.dirty_at_start) * m.page_size
+        bytes_xfer_period = m.transferred - self.xfer_at_start
+        self.bytes_dirty_threshold = bytes_xfer_period * self.threshold_pct / 100
+        self._reset(m, t)
+        if self.bytes_dirty_period > self.bytes_dirty_threshold:
+            self.high_count += 1
+            if self.high_count >= 2:
+                self.high_count = 0
+                return True
+        return False
+
+    def _reset(self, m: Migration, t: float) -> None:
+        self.period_start, self.dirty_at_start, self.xfer_at_start = t, m.new_dirty_pages, m.transferred
+
+
+def next_percentage(
+    pct: int,
+    *,
+    initial: int,
+    increment: int,
+    maximum: int,
+    tailslow: bool,
+    bytes_dirty_period: float,
+    bytes_dirty_threshold: float,
+) -> int:
+    """mig_throttle_guest_down: the new throttle percentage after a trigger."""
+    if pct == 0:
+        new = initial
+    elif not tailslow:
+        new = pct + increment
+    else:
+        cpu_now = 100 - pct
+        cpu_ideal = cpu_now * (bytes_dirty_threshold / bytes_dirty_period) if bytes_dirty_period else cpu_now
+        new = pct + int(min(cpu_now - cpu_ideal, increment))
+    return max(1, min(new, maximum, 99))
+
+
+class AutoConverge(Policy):
+    name = "auto-converge"
+
+    def __init__(self, vm, params) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(vm, params)
+        self.percentage = 0
+        self.trigger = Trigger(params.throttle_trigger_threshold)
+        self.periodic_sync_s = PERIODIC_SYNC_S if params.x_cpu_throttle_periodic_sync else 0.0
+        self._next_sleep = [0.0] * len(vm.all_writers)
+        self.history: list[tuple[float, int]] = []
+
+    def on_sync(self, m: Migration) -> None:
+        if self.trigger.check(m, now()):
+            p = self.params
+            self.percentage = next_percentage(
+                self.percentage,
+                initial=p.cpu_throttle_initial,
+                increment=p.cpu_throttle_increment,
+                maximum=p.max_cpu_throttle,
+                tailslow=p.cpu_throttle_tailslow,
+                bytes_dirty_period=self.trigger.bytes_dirty_period,
+                bytes_dirty_threshold=self.trigger.bytes_dirty_threshold,
+            )
+            self.history.append((now(), self.percentage))
+
+    def handle_exit(self, vm, vcpu: _native.Vcpu, exit: _native.Exit) -> None:  # type: ignore[no-untyped-def]
+        super().handle_exit(vm, vcpu, exit)
+        pct = self.percentage
+        if not pct or vcpu.is_device:
+            return  # QEMU throttles vCPUs only
+        slot = self.slot(vcpu)
+        t = now()
+        if t >= self._next_sleep[slot]:
+            # Ran a timeslice: sleep p/(1-p) of it, so the vCPU sleeps a share p of the time.
+            slept = vm.throttle_sleep(vcpu, pct / (100 - pct) * TIMESLICE_S)
+            self._next_sleep[slot] = t + slept + TIMESLICE_S
+
+    def stop(self) -> None:
+        super().stop()
+        self.percentage = 0
+
+    def query(self) -> dict[str, Any]:
+        return {"cpu-throttle-percentage": self.percentage}
+
+    def sample(self) -> dict[str, Any]:
+        return {"cpu-throttle-percentage": self.percentage}

@@ -1,0 +1,71 @@
+"""The throttling policy interface.
+
+A policy is the VM's exit handler while a migration runs (its `handle_exit` runs on each
+vCPU's thread) and follows the migration through three hooks: `start` after the first dirty
+sync, `on_tick` at every 100 ms bandwidth window, `on_sync` at every dirty sync, and `stop`
+at completion, failure or cancel, when every throttle ends. Throttle sleeps go through
+`VM.throttle_sleep`, which a stop or switchover ends at once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from dqmig import _native
+from dqmig.vm import VM, ContinueHandler
+
+if TYPE_CHECKING:
+    from dqmig.migration.params import MigrationParameters
+    from dqmig.migration.source import Migration
+
+
+class Policy(ContinueHandler):
+    """`none`: plain pre-copy. Reaps full dirty rings and otherwise lets vCPUs run."""
+
+    name = "none"
+    #: seconds between forced dirty syncs when an iteration runs long (0 = never)
+    periodic_sync_s = 0.0
+
+    def __init__(self, vm: VM, params: MigrationParameters) -> None:
+        self.vm = vm
+        self.params = params
+        self.migration: Migration | None = None
+        self._saved_handler: Any = None
+        self.active = False
+
+    def start(self, migration: Migration) -> None:
+        self.migration = migration
+        self._saved_handler = self.vm.handler
+        self.vm.handler = self
+        self.active = True
+
+    def stop(self) -> None:
+        """Ends throttling: the VM gets its previous handler back."""
+        if not self.active:
+            return
+        self.active = False
+        if self.vm.handler is self:
+            self.vm.handler = self._saved_handler
+
+    def on_tick(self, migration: Migration) -> None:
+        pass
+
+    def on_sync(self, migration: Migration) -> None:
+        pass
+
+    def query(self) -> dict[str, Any]:
+        """Fields this policy adds to query-migrate."""
+        return {}
+
+    def sample(self) -> dict[str, Any]:
+        """Telemetry this policy adds to each time-series sample."""
+        return {}
+
+    def slot(self, vcpu: _native.Vcpu) -> int:
+        """Index of a writer in VM.all_writers (vCPUs, then the DMA writer)."""
+        return len(self.vm.vcpus) if vcpu.is_device else vcpu.index  # type: ignore[return-value]
+
+
+def now() -> float:
+    return time.monotonic()

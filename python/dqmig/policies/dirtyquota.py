@@ -1,0 +1,139 @@
+"""The dirty-quota policy: the KVM + QEMU patch series, as it was meant to work.
+
+Every throttled writer gets a dirty quota; at each DIRTY_QUOTA_EXHAUSTED exit the allocator
+(allocator.py) decides how long it sleeps and how much quota it gets next. Beyond the RFC:
+the DMA writer draws from the same budget (x-dirty-quota-dma), the bulk iteration can run
+unthrottled (x-dirty-quota-skip-bulk), and over-throttling falls back to auto-converge
+(x-dirty-quota-fallback), by this rule:
+
+    over a window of FALLBACK_WINDOW_S seconds, the throttled writers slept more than
+    FALLBACK_SLEEP_SHARE of the time on average, and the bytes left to send did not shrink.
+
+Then throttling vCPUs harder cannot help (the network estimate is wrong, or writes come from
+elsewhere), so the migration switches to auto-converge.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from dqmig import _native
+from dqmig.policies.allocator import QuotaAllocator
+from dqmig.policies.base import Policy, now
+
+if TYPE_CHECKING:
+    from dqmig.migration.source import Migration
+    from dqmig.vm import VM
+
+FALLBACK_WINDOW_S = 3.0
+FALLBACK_SLEEP_SHARE = 0.9
+
+
+class DirtyQuota(Policy):
+    name = "dirty-quota"
+
+    def __init__(self, vm: VM, params) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(vm, params)
+        self.writers = list(vm.vcpus) + ([vm.dma] if vm.dma and params.x_dirty_quota_dma else [])
+        self.allocator = QuotaAllocator(
+            writers=len(self.writers),
+            interval=params.x_dirty_quota_interval / 1000,
+            ratio=params.x_dirty_quota_ratio,
+            initial_throughput=params.x_dirty_quota_initial_throughput,
+            page_size=vm.guest.page_size,
+            window=params.x_dirty_quota_window / 1000,
+            clock=now,
+        )
+        self.enforcing = False
+        self.fell_back = False
+        self._lock = threading.Lock()
+        self._history: deque[tuple[float, int, float]] = deque()  # (t, remaining, total sleep)
+        self._last_sample: list[tuple[int, int, int]] | None = None  # (granted, dirtied, exits)
+
+    def _slot(self, vcpu: _native.Vcpu) -> int | None:
+        if vcpu.is_device:
+            return len(self.vm.vcpus) if len(self.writers) > len(self.vm.vcpus) else None
+        return vcpu.index
+
+    def start(self, migration: Migration) -> None:
+        super().start(migration)
+        if not self.params.x_dirty_quota_skip_bulk:
+            self._arm()
+
+    def _arm(self) -> None:
+        """Quota 1 above the count: each writer's next dirtied page exits, and the allocator
+        hands out the first grant (the RFC's start of dirty logging)."""
+        self.enforcing = True
+        for w in self.writers:
+            w.quota = w.dirty_count + 1
+
+    def stop(self) -> None:
+        self.enforcing = False
+        for w in self.writers:
+            w.quota = 0  # throttling off
+        super().stop()
+
+    def on_tick(self, m: Migration) -> None:
+        with self._lock:
+            self.allocator.update_throughput(m.bandwidth)
+
+    def on_sync(self, m: Migration) -> None:
+        if not self.enforcing and m.dirty_sync_count >= 2:
+            self._arm()  # the bulk iteration is over
+        if self.params.x_dirty_quota_fallback and self._over_throttling(m):
+            self.fell_back = True
+            m.request_policy("auto-converge", "dirty-quota over-throttling: falling back to auto-converge")
+
+    def _over_throttling(self, m: Migration) -> bool:
+        t = now()
+        slept = sum(s.total_sleep for s in self.allocator.state)
+        self._history.append((t, m.remaining, slept))
+        while self._history and self._history[0][0] < t - FALLBACK_WINDOW_S:
+            self._history.popleft()
+        t0, remaining0, slept0 = self._history[0]
+        if not self.enforcing or t - t0 < FALLBACK_WINDOW_S * 0.9:
+            return False
+        throttled = sum(1 for s in self.allocator.state if s.exits) or 1
+        share = (slept - slept0) / (t - t0) / throttled
+        return share > FALLBACK_SLEEP_SHARE and m.remaining >= remaining0
+
+    def handle_exit(self, vm: VM, vcpu: _native.Vcpu, exit: _native.Exit) -> None:
+        slot = self._slot(vcpu)
+        if exit.reason != "DIRTY_QUOTA_EXHAUSTED" or not self.enforcing or slot is None:
+            super().handle_exit(vm, vcpu, exit)
+            return
+        with self._lock:
+            d = self.allocator.on_exit(slot, exit.count, exit.quota)
+        if d.sleep > 0:
+            vm.throttle_sleep(vcpu, d.sleep)
+        if self.enforcing:  # a stop while asleep turned throttling off
+            vcpu.quota = exit.count + d.grant
+
+    def query(self) -> dict[str, Any]:
+        a = self.allocator
+        return {
+            "dirty-quota": {
+                "interval-ms": round(a.interval * 1000, 3),
+                "limit-pages-per-second": int(a.limit),
+                "share-pages": a.share,
+                "pool-pages": a.pool,
+                "throughput": int(a.throughput),
+                "enforcing": self.enforcing,
+                "fell-back": self.fell_back,
+            }
+        }
+
+    def sample(self) -> dict[str, Any]:
+        """Per writer since the last sample: pages granted, pages dirtied, quota exits."""
+        a = self.allocator
+        cur = [(s.total_granted, w.dirty_count, s.exits) for s, w in zip(a.state, self.writers, strict=True)]
+        last = self._last_sample or cur
+        self._last_sample = cur
+        return {
+            **self.query(),
+            "quota-granted": [c[0] - p[0] for c, p in zip(cur, last, strict=True)],
+            "quota-used": [c[1] - p[1] for c, p in zip(cur, last, strict=True)],
+            "quota-exits": [c[2] - p[2] for c, p in zip(cur, last, strict=True)],
+        }

@@ -1,0 +1,98 @@
+"""`dqmig migrate` and `dqmig incoming` as a user runs them: subprocesses, exit codes, the
+last line, the JSON report, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+from dqmig.migration.destination import free_port_uri
+
+RUN_S = 60.0  # subprocess timeout: these take a couple of seconds
+SMALL = ["--memory", "32M", "--warmup", "0.2", "--run-after", "0.3"]
+
+
+def dqmig(*args: str, timeout: float = RUN_S) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dqmig", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_migrate_to_a_local_destination(tmp_path):
+    report_path = tmp_path / "report.json"
+    p = dqmig("migrate", *SMALL, "--report", str(report_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert lines[-1] == "completed"
+    assert lines[0].startswith("dqmig migrate: 2 vCPUs, 32.0 MiB, workload skewed")
+    assert any(line.startswith("status completed:") for line in lines)
+    assert any(line.startswith("destination: digest verified") for line in lines)
+    assert f"report written to {report_path}" in p.stdout
+    assert "Traceback" not in p.stderr
+
+    report = json.loads(report_path.read_text())
+    assert {"dqmig", "argv", "vm", "vcpu-classes", "migration", "destination"} <= set(report)
+    assert report["vm"]["memory"] == 32 << 20
+    m = report["migration"]
+    assert m["result"]["status"] == "completed"
+    assert m["converged"] is True
+    assert m["result"]["ram"]["dirty-sync-count"] >= 2
+    events = [s["event"] for s in m["samples"]]
+    assert events[0] == "setup" and events[-1] == "complete"
+    assert all(len(s["vcpus"]) == 2 for s in m["samples"])
+    dest = report["destination"]
+    assert dest is not None
+    assert dest["handshake"]["pages"] == (32 << 20) // 4096
+    assert dest["pages-normal"] == m["result"]["ram"]["normal"]
+    assert dest["pages-zero"] == m["result"]["ram"]["duplicate"]
+    assert dest["iterations"] == events.count("sync")
+    assert isinstance(dest["digest"], int)
+    # The writer runs on the destination after resume.
+    assert dest["progress-after-resume"]["vcpu0"] > 0
+
+
+def test_migrate_to_nothing_fails_with_the_reason(tmp_path):
+    uri = free_port_uri()
+    report_path = tmp_path / "report.json"
+    p = dqmig("migrate", *SMALL, "--to", uri, "--report", str(report_path))
+    assert p.returncode != 0
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("failed: cannot connect to " + uri), p.stdout
+    assert "Traceback" not in p.stderr
+    report = json.loads(report_path.read_text())
+    assert report["migration"]["result"]["status"] == "failed"
+    assert report["destination"] is None
+
+
+def test_migrate_with_a_bad_uri_is_a_clear_error(tmp_path):
+    p = dqmig("migrate", *SMALL, "--to", "nonsense", "--report", str(tmp_path / "r.json"))
+    assert p.returncode != 0
+    assert "bad migration URI 'nonsense'" in p.stderr + p.stdout
+    assert "Traceback" not in p.stderr, p.stderr
+
+
+def test_incoming_with_bad_uris():
+    for uri in ("nonsense", "tcp:127.0.0.1", "tcp:127.0.0.1:99999", "unix:/tmp/x"):
+        p = dqmig("incoming", uri, "--accept-timeout", "1")
+        assert p.returncode != 0, uri
+        assert f"bad migration URI {uri!r}: expected tcp:HOST:PORT" in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr
+
+
+def test_incoming_on_a_busy_port():
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        p = dqmig("incoming", f"tcp:127.0.0.1:{port}", "--accept-timeout", "1")
+    assert p.returncode != 0
+    assert f"cannot listen on tcp:127.0.0.1:{port}" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_incoming_gives_up_when_nothing_arrives():
+    p = dqmig("incoming", "tcp:127.0.0.1:0", "--accept-timeout", "0.3")
+    assert p.returncode == 1
+    assert "listening on tcp:127.0.0.1:" in p.stdout
+    assert "no migration arrived" in p.stderr and "in time" in p.stderr
+    assert "Traceback" not in p.stderr

@@ -1,0 +1,398 @@
+"""The QMP control channel: Session/Monitor conversations without sockets, and one real
+conversation with QmpServer over a unix socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+
+import pytest
+
+from dqmig import __version__
+from dqmig.migration.destination import free_port_uri
+from dqmig.monitor import Monitor
+from dqmig.programs import ProgramSpec
+from dqmig.qmp import MAX_LINE, QmpServer, Session, greeting, parse_unix_uri
+from dqmig.units import MiB
+from dqmig.vm import VM, VmConfig
+
+END_S = 15.0
+
+
+def small_vm(rate: float = 5000.0) -> VM:
+    programs = [ProgramSpec("uniform", region_start=0, region_pages=2048, rate=rate, seed=1), ProgramSpec("idle")]
+    return VM(VmConfig(vcpus=2, memory=16 * MiB, programs=programs))
+
+
+@pytest.fixture
+def vm():
+    with small_vm() as v:
+        yield v
+
+
+@pytest.fixture
+def session(vm):
+    """A negotiated session."""
+    s = Session(Monitor(vm))
+    assert s.handle_line(b'{"execute": "qmp_capabilities"}') == {"return": {}}
+    return s
+
+
+def ask(session: Session, command: str, arguments: dict | None = None, **extra) -> dict:
+    request = {"execute": command, **extra}
+    if arguments is not None:
+        request["arguments"] = arguments
+    reply = session.handle_line(json.dumps(request).encode())
+    assert reply is not None
+    return reply
+
+
+def ok(session: Session, command: str, arguments: dict | None = None):
+    reply = ask(session, command, arguments)
+    assert "error" not in reply, reply
+    return reply["return"]
+
+
+def error(reply: dict, cls: str = "GenericError") -> str:
+    assert set(reply) - {"id"} == {"error"}, reply
+    assert reply["error"]["class"] == cls, reply
+    assert reply["error"]["desc"]
+    return reply["error"]["desc"]
+
+
+def wait_status(session: Session, statuses: tuple[str, ...], timeout: float = END_S) -> dict:
+    end = time.monotonic() + timeout
+    while True:
+        q = ok(session, "query-migrate")
+        if q.get("status") in statuses:
+            return q
+        assert time.monotonic() < end, f"migration still {q.get('status')} after {timeout} s"
+        time.sleep(0.01)
+
+
+# -- the conversation --------------------------------------------------------------------------
+
+
+def test_greeting_shape():
+    g = greeting()
+    assert set(g) == {"QMP"}
+    assert g["QMP"]["capabilities"] == []
+    v = g["QMP"]["version"]
+    assert set(v["qemu"]) == {"major", "minor", "micro"}
+    assert all(isinstance(x, int) for x in v["qemu"].values())
+    assert ".".join(str(v["qemu"][k]) for k in ("major", "minor", "micro")) == __version__
+    assert __version__ in v["package"]
+    json.dumps(g)
+
+
+def test_capabilities_negotiation_comes_first(vm):
+    s = Session(Monitor(vm))
+    desc = error(s.handle_line(b'{"execute": "query-status"}'), "CommandNotFound")
+    assert "qmp_capabilities" in desc
+    assert s.handle_line(b'{"execute": "qmp_capabilities", "id": 1}') == {"return": {}, "id": 1}
+    assert ok(s, "query-status")["running"] is True
+    desc = error(ask(s, "qmp_capabilities"), "CommandNotFound")
+    assert "already complete" in desc
+
+
+def test_query_status_stop_and_cont(session, vm):
+    assert ok(session, "query-status") == {"status": "running", "running": True, "singlestep": False}
+    assert ok(session, "stop") == {}
+    assert not vm.running
+    assert ok(session, "query-status")["status"] == "paused"
+    p = [v.progress for v in vm.vcpus]
+    time.sleep(0.05)
+    assert [v.progress for v in vm.vcpus] == p, "stopped vCPUs make no progress"
+    assert ok(session, "cont") == {}
+    assert vm.running
+    assert ok(session, "query-status") == {"status": "running", "running": True, "singlestep": False}
+
+
+def capabilities(session: Session) -> dict[str, bool]:
+    caps = ok(session, "query-migrate-capabilities")
+    assert all(set(c) == {"capability", "state"} and isinstance(c["state"], bool) for c in caps), caps
+    return {c["capability"]: c["state"] for c in caps}
+
+
+def test_migrate_capabilities(session):
+    before = capabilities(session)
+    assert before["multifd"] is False
+    assert ok(session, "migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": True}]}) == {}
+    assert capabilities(session) == {**before, "multifd": True}
+    # Each error names what was wrong.
+    bad = [
+        ({}, "capabilities"),
+        ({"capabilities": "multifd"}, "capabilities"),
+        ({"capabilities": [{"capability": "postcopy-ram", "state": True}]}, "postcopy-ram"),
+        ({"capabilities": [{"capability": "multifd", "state": "yes"}]}, "multifd"),
+        ({"capabilities": [{"capability": "multifd"}]}, "state"),
+        ({"capabilities": [["multifd", True]]}, "capability"),
+    ]
+    for args, name in bad:
+        assert name in error(ask(session, "migrate-set-capabilities", args)), args
+    assert capabilities(session) == {**before, "multifd": True}
+
+
+def test_migrate_parameters(session):
+    params = ok(session, "query-migrate-parameters")
+    assert params["downtime-limit"] == 300
+    assert params["max-bandwidth"] == 128 * MiB
+    assert params["multifd-channels"] == 2
+    new = {"downtime-limit": 500, "max-bandwidth": 1_000_000, "multifd-channels": 4, "x-max-iterations": 7}
+    assert ok(session, "migrate-set-parameters", new) == {}
+    assert ok(session, "query-migrate-parameters") == {**params, **new}
+    # Each error names the parameter at fault.
+    bad = [
+        ({"downtime-limit": "fast"}, "downtime-limit"),
+        ({"downtime-limit": True}, "downtime-limit"),
+        ({"downtime-limit": None}, "downtime-limit"),
+        ({"downtime-limit": -1}, "downtime-limit"),
+        ({"multifd-channels": 0}, "multifd-channels"),
+        ({"multifd-channels": 256}, "multifd-channels"),
+        ({"no-such-parameter": 1}, "no-such-parameter"),
+        ({"capabilities": {}}, "capabilities"),
+        ({"downtime-limit": 100, "max-bandwidth": "lots"}, "max-bandwidth"),
+    ]
+    for args, name in bad:
+        assert name in error(ask(session, "migrate-set-parameters", args)), args
+    # All or nothing: the valid downtime-limit of the last request was not applied.
+    assert ok(session, "query-migrate-parameters") == {**params, **new}
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (b"{not json", "JSON parse error"),
+        (b'{"execute": "query-status"', "JSON parse error"),
+        (b"\xff\xfe\x00garbage", "JSON parse error"),
+        (b"[1, 2]", "QMP input must be a JSON object"),
+        (b'"query-status"', "QMP input must be a JSON object"),
+        (b"42", "QMP input must be a JSON object"),
+        (b"null", "QMP input must be a JSON object"),
+        (b"{}", "QMP input lacks member 'execute'"),
+        (b'{"execute": 5}', "QMP input lacks member 'execute'"),
+        (b'{"execute": "query-status", "extra": 1}', "QMP input member 'extra' is unexpected"),
+        (b'{"execute": "query-status", "arguments": [1]}', "'arguments' must be an object"),
+    ],
+)
+def test_bad_input_gets_generic_error(session, line, message):
+    assert message in error(session.handle_line(line))
+    assert ok(session, "query-status")["running"] is True, "the session keeps serving"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        pytest.param(b"[" * 100_000, id="deeply-nested"),
+        pytest.param(b'{"execute": "query-status", "id": ' + b"1" * 5000 + b"}", id="int-too-long"),
+    ],
+)
+def test_pathological_json_gets_an_error_reply(session, line):
+    """JSON the parser refuses with something other than JSONDecodeError (RecursionError,
+    ValueError for integers beyond int_max_str_digits) is still bad input: an error reply,
+    never an exception out of the session (which would drop the client's connection)."""
+    assert "JSON" in error(session.handle_line(line))
+    assert ok(session, "query-status")["running"] is True
+
+
+def test_blank_lines_are_ignored(session):
+    assert session.handle_line(b"") is None
+    assert session.handle_line(b"  \r") is None
+
+
+def test_unknown_command(session):
+    desc = error(ask(session, "migrate-start-postcopy"), "CommandNotFound")
+    assert desc == "The command migrate-start-postcopy has not been found"
+
+
+def test_query_commands(session):
+    names = {c["name"] for c in ok(session, "query-commands")}
+    assert {
+        "qmp_capabilities",
+        "query-status",
+        "stop",
+        "cont",
+        "migrate",
+        "migrate_cancel",
+        "query-migrate",
+        "migrate-set-capabilities",
+        "migrate-set-parameters",
+        "query-migrate-parameters",
+        "query-migrate-capabilities",
+    } <= names
+
+
+@pytest.mark.parametrize("request_id", ["abc", 7, {"seq": [1, 2]}, None])
+def test_ids_are_echoed(session, request_id):
+    assert ask(session, "query-status", id=request_id)["id"] == request_id
+    reply = ask(session, "no-such-command", id=request_id)
+    assert reply["id"] == request_id and reply["error"]["class"] == "CommandNotFound"
+    reply = ask(session, "migrate-set-parameters", {"downtime-limit": "x"}, id=request_id)
+    assert reply["id"] == request_id and "error" in reply
+    assert "id" not in ask(session, "query-status")
+
+
+def test_migrate_argument_errors(session):
+    assert "Parameter 'uri' is missing" in error(ask(session, "migrate", {}))
+    assert "Invalid parameter type for 'uri', expected: str" in error(ask(session, "migrate", {"uri": 4444}))
+    for uri in ("exec:cat", "tcp:localhost", "tcp::4444", "tcp:host:99999", "unix:/tmp/x"):
+        assert "bad migration URI" in error(ask(session, "migrate", {"uri": uri})), uri
+    assert ok(session, "query-migrate") == {}, "no migration was started"
+
+
+def test_migrate_to_unreachable_uri_ends_failed(session, vm):
+    uri = free_port_uri()
+    assert ok(session, "migrate", {"uri": uri}) == {}
+    q = wait_status(session, ("failed",))
+    assert "cannot connect" in q["error-desc"] and uri in q["error-desc"]
+    assert {"total-time", "setup-time", "ram"} <= set(q)
+    assert vm.running
+    assert ok(session, "query-status")["status"] == "running"
+    assert ok(session, "migrate_cancel") == {}, "cancelling a finished migration is a no-op"
+    assert ok(session, "query-migrate")["status"] == "failed"
+
+
+def test_migrate_cancel(session, vm, start_destination):
+    assert ok(session, "migrate_cancel") == {}, "nothing to cancel"
+    with start_destination() as rx:
+        ok(session, "migrate-set-parameters", {"max-bandwidth": 8 * MiB, "downtime-limit": 1, "x-max-time": 20})
+        ok(session, "migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": True}]})
+        assert ok(session, "migrate", {"uri": rx.uri}) == {}
+        q = wait_status(session, ("active", "failed", "completed"))
+        assert q["status"] == "active"
+        assert "in progress" in error(ask(session, "migrate", {"uri": rx.uri}))
+        caps = {"capabilities": [{"capability": "multifd", "state": False}]}
+        assert "in progress" in error(ask(session, "migrate-set-capabilities", caps))
+        # Parameters change live while migrating.
+        assert ok(session, "migrate-set-parameters", {"max-bandwidth": 4 * MiB}) == {}
+        assert ok(session, "migrate_cancel") == {}
+        q = wait_status(session, ("cancelled", "failed", "completed"))
+        assert q["status"] == "cancelled"
+        assert q["error-desc"] == "cancelled by migrate_cancel"
+        rx.join()
+        assert rx.error is not None
+    assert vm.running
+    assert ok(session, "query-status")["status"] == "running"
+
+
+def test_completed_migration_states(session, vm, start_destination):
+    with start_destination() as rx:
+        ok(session, "migrate-set-parameters", {"max-bandwidth": 0})
+        ok(session, "migrate", {"uri": rx.uri})
+        q = wait_status(session, ("completed", "failed", "cancelled"))
+        assert q["status"] == "completed", q
+        rx.join()
+        assert ok(session, "query-status") == {"status": "postmigrate", "running": False, "singlestep": False}
+        assert "cannot cont" in error(ask(session, "cont"))
+        assert not vm.running
+        assert "already migrated" in error(ask(session, "migrate", {"uri": rx.uri}))
+        assert ok(session, "migrate_cancel") == {}
+        assert ok(session, "query-migrate")["status"] == "completed"
+
+
+def test_parse_unix_uri():
+    assert parse_unix_uri("unix:/tmp/q.sock") == "/tmp/q.sock"
+    for bad in ("/tmp/q.sock", "unix:", "tcp:127.0.0.1:4444"):
+        with pytest.raises(ValueError, match="expected unix:PATH"):
+            parse_unix_uri(bad)
+
+
+# -- over a real unix socket ---------------------------------------------------------------------
+
+
+class Client:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.buf = b""
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            assert chunk, "the server closed the connection"
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def read(self) -> dict:
+        return json.loads(self.line())
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def cmd(self, command: str, **request) -> dict:
+        self.send(json.dumps({"execute": command, **request}).encode() + b"\n")
+        return self.read()
+
+
+@pytest.fixture
+def socket_path(tmp_path):
+    path = str(tmp_path / "qmp.sock")
+    if len(path) < 100:  # unix socket paths are limited to 107 bytes
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="dqmig-qmp-") as d:
+        yield os.path.join(d, "qmp.sock")
+
+
+def test_qmp_server_conversation(vm, socket_path):
+    server = QmpServer(f"unix:{socket_path}", Monitor(vm)).start()
+    try:
+        c = Client(socket_path)
+        g = c.read()
+        assert g == greeting()
+        assert c.cmd("query-status")["error"]["class"] == "CommandNotFound"
+        assert c.cmd("qmp_capabilities") == {"return": {}}
+        assert c.cmd("query-status", id="s1") == {
+            "return": {"status": "running", "running": True, "singlestep": False},
+            "id": "s1",
+        }
+        c.send(b"{this is not json\n")
+        assert "JSON parse error" in c.read()["error"]["desc"]
+        c.send(b'["not", "an", "object"]\n\n\n')
+        assert c.read()["error"]["desc"] == "QMP input must be a JSON object"
+        # Pipelined commands, one split across two sends: answered in order.
+        c.send(b'{"execute": "stop", "id": 1}\n{"execute": "query-status", "id": 2}\n{"execute": "cont",')
+        assert c.read() == {"return": {}, "id": 1}
+        assert c.read()["return"]["status"] == "paused"
+        c.send(b' "id": 3}\r\n')
+        assert c.read() == {"return": {}, "id": 3}
+        assert vm.running
+        assert c.cmd("no-such-command")["error"]["class"] == "CommandNotFound"
+        # A line longer than the limit is refused and the connection keeps serving.
+        c.send(b"x" * (MAX_LINE + 10))
+        assert "longer than" in c.read()["error"]["desc"]
+        c.send(b"\n")
+        reply = c.cmd("query-status", id="after")
+        while reply.get("id") != "after":  # the tail of the long line may have drawn a reply
+            reply = c.read()
+        assert reply["return"]["running"] is True
+        # A second client gets its own session.
+        c2 = Client(socket_path)
+        assert c2.read() == greeting()
+        assert c2.cmd("query-status")["error"]["class"] == "CommandNotFound"
+        c2.sock.close()
+        assert c.cmd("query-status")["return"]["running"] is True
+        c.sock.close()
+    finally:
+        server.close()
+    assert not os.path.exists(socket_path)
+
+
+def test_qmp_server_survives_pathological_json(vm, socket_path):
+    """Bad input over the socket gets an error reply and the connection keeps serving."""
+    server = QmpServer(f"unix:{socket_path}", Monitor(vm)).start()
+    try:
+        c = Client(socket_path)
+        c.read()
+        assert c.cmd("qmp_capabilities") == {"return": {}}
+        c.send(b"[" * 100_000 + b"\n")
+        assert "error" in c.read()
+        assert c.cmd("query-status", id=1)["id"] == 1
+        c.sock.close()
+    finally:
+        server.close()
