@@ -5,12 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
-import select
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -18,6 +14,7 @@ from dqmig import __version__, dirtyrate, policies
 from dqmig.display import Progress
 from dqmig.migration.channel import parse_uri
 from dqmig.migration.destination import Incoming, IncomingError
+from dqmig.migration.local import LocalDestination
 from dqmig.migration.params import PARAMS, MigrationParameters, parse_bandwidth
 from dqmig.migration.source import Migration
 from dqmig.monitor import Monitor
@@ -344,50 +341,6 @@ def _finish_migrate(args: argparse.Namespace, vm: VM, m: Migration, dest_report:
         return 0
     print(f"{q['status']}: {q.get('error-desc', 'unknown reason')}")
     return 3 if m.converged is False else 1
-
-
-class LocalDestination:
-    """A `dqmig incoming` process on 127.0.0.1, started for `dqmig migrate` with no --to."""
-
-    START_TIMEOUT_S = 30.0
-
-    def __init__(self, proc: subprocess.Popen, uri: str, report: str) -> None:
-        self.proc, self.uri, self.report = proc, uri, report
-
-    @classmethod
-    def start(cls, run_after: float, mem_prealloc: bool = False) -> LocalDestination:
-        fd, report = tempfile.mkstemp(prefix="dqmig-incoming-", suffix=".json")
-        os.close(fd)
-        cmd = [sys.executable, "-m", "dqmig", "incoming", "tcp:127.0.0.1:0", "--accept-timeout", "60"]
-        cmd += ["--run-after", str(run_after), "--report", report] + (["--mem-prealloc"] if mem_prealloc else [])
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        ready, _, _ = select.select([proc.stdout], [], [], cls.START_TIMEOUT_S)
-        line = proc.stdout.readline() if ready else ""  # type: ignore[union-attr]
-        if "listening on " not in line:
-            proc.kill()
-            err = proc.communicate(timeout=5)[1]
-            raise OSError(f"local destination did not start: {line.strip() or err.strip()}")
-        return cls(proc, line.rsplit("listening on ", 1)[1].strip(), report)
-
-    def finish(self) -> dict | None:
-        """Waits for the destination to end and returns its report (None if it failed)."""
-        try:
-            out, err = self.proc.communicate(timeout=self.START_TIMEOUT_S + 60)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
-        if self.proc.returncode != 0:
-            print(f"destination failed: {err.strip() or out.strip()}", file=sys.stderr)
-            return None
-        with open(self.report) as f:
-            return json.load(f)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        if os.path.exists(self.report):
-            os.unlink(self.report)
 
 
 def peak_rss() -> int:
