@@ -91,6 +91,17 @@ class QuotaAllocator:
             self._samples.popleft()
         self.throughput = sum(b for _, b in self._samples) / len(self._samples)
 
+    def retune(self, *, interval: float, ratio: float, window: float) -> None:
+        """Parameters changed mid-migration (migrate-set-parameters). A new interval length
+        starts a fresh interval for every writer from now; the pool is kept."""
+        if not (interval > 0 and ratio > 0 and window > 0):
+            raise ValueError("interval, ratio and window must be positive")
+        self.ratio, self.window = ratio, window
+        if interval != self.interval:
+            self.interval, self.t0 = interval, self.clock()
+            for s in self.state:
+                s.interval, s.granted = -1, 0
+
     # -- exits ---------------------------------------------------------------------------
 
     def interval_at(self, t: float) -> int:

@@ -6,8 +6,9 @@ the DMA writer draws from the same budget (x-dirty-quota-dma), the bulk iteratio
 unthrottled (x-dirty-quota-skip-bulk), and over-throttling falls back to auto-converge
 (x-dirty-quota-fallback), by this rule:
 
-    over a window of FALLBACK_WINDOW_S seconds, the throttled writers slept more than
-    FALLBACK_SLEEP_SHARE of the time on average, and the bytes left to send did not shrink.
+    over a window of FALLBACK_WINDOW_S seconds (judged at dirty syncs), the writers the
+    allocator made sleep in it slept more than FALLBACK_SLEEP_SHARE of the time on average,
+    and the bytes left to send shrank by less than FALLBACK_MIN_PROGRESS of what they were.
 
 Then throttling vCPUs harder cannot help (the network estimate is wrong, or writes come from
 elsewhere), so the migration switches to auto-converge.
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 FALLBACK_WINDOW_S = 3.0
 FALLBACK_SLEEP_SHARE = 0.9
+FALLBACK_MIN_PROGRESS = 0.10
 
 
 class DirtyQuota(Policy):
@@ -49,7 +51,7 @@ class DirtyQuota(Policy):
         self.enforcing = False
         self.fell_back = False
         self._lock = threading.Lock()
-        self._history: deque[tuple[float, int, float]] = deque()  # (t, remaining, total sleep)
+        self._history: deque[tuple[float, int, list[float]]] = deque()  # (t, remaining, sleep per writer)
         self._last_sample: list[tuple[int, int, int]] | None = None  # (granted, dirtied, exits)
 
     def _slot(self, vcpu: _native.Vcpu) -> int | None:
@@ -76,7 +78,13 @@ class DirtyQuota(Policy):
         super().stop()
 
     def on_tick(self, m: Migration) -> None:
+        p = self.params  # read live: QMP may tune them mid-migration
         with self._lock:
+            self.allocator.retune(
+                interval=p.x_dirty_quota_interval / 1000,
+                ratio=p.x_dirty_quota_ratio,
+                window=p.x_dirty_quota_window / 1000,
+            )
             self.allocator.update_throughput(m.bandwidth)
 
     def on_sync(self, m: Migration) -> None:
@@ -88,16 +96,19 @@ class DirtyQuota(Policy):
 
     def _over_throttling(self, m: Migration) -> bool:
         t = now()
-        slept = sum(s.total_sleep for s in self.allocator.state)
+        slept = [s.total_sleep for s in self.allocator.state]
         self._history.append((t, m.remaining, slept))
-        while self._history and self._history[0][0] < t - FALLBACK_WINDOW_S:
+        # Keep the newest entry at or before the window's start: syncs may be seconds apart.
+        while len(self._history) > 1 and self._history[1][0] <= t - FALLBACK_WINDOW_S:
             self._history.popleft()
         t0, remaining0, slept0 = self._history[0]
-        if not self.enforcing or t - t0 < FALLBACK_WINDOW_S * 0.9:
+        if not self.enforcing or t - t0 < FALLBACK_WINDOW_S:
             return False
-        throttled = sum(1 for s in self.allocator.state if s.exits) or 1
-        share = (slept - slept0) / (t - t0) / throttled
-        return share > FALLBACK_SLEEP_SHARE and m.remaining >= remaining0
+        shares = [(b - a) / (t - t0) for a, b in zip(slept0, slept, strict=True) if b > a]
+        if not shares:
+            return False
+        stalled = m.remaining > remaining0 * (1 - FALLBACK_MIN_PROGRESS)
+        return sum(shares) / len(shares) > FALLBACK_SLEEP_SHARE and stalled
 
     def handle_exit(self, vm: VM, vcpu: _native.Vcpu, exit: _native.Exit) -> None:
         slot = self._slot(vcpu)

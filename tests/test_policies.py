@@ -1,0 +1,170 @@
+"""Policies beyond the RFC: DMA throttling, the over-throttling fallback, byte accounting,
+live control through QMP (capability toggle mid-migration, the dirty-limit commands)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from dqmig import policies
+from dqmig.migration.destination import Incoming
+from dqmig.migration.params import MigrationParameters
+from dqmig.migration.source import Migration
+from dqmig.monitor import Monitor, QmpError
+from dqmig.policies.allocator import QuotaAllocator
+from dqmig.programs import ProgramSpec, own_regions
+from dqmig.units import MiB
+from dqmig.vm import VM, VmConfig
+
+MEMORY = 64 * MiB
+BANDWIDTH = 32 * MiB
+
+
+def config(writer: ProgramSpec, dma: ProgramSpec | None = None) -> VmConfig:
+    (_, _), (r_start, r_pages) = own_regions(MEMORY // 4096, 2)
+    idle = ProgramSpec("read-mostly", region_start=r_start, region_pages=r_pages, seed=2)
+    return VmConfig(vcpus=2, memory=MEMORY, dirty_ring=4096, programs=[writer, idle], dma=dma)
+
+
+def writer(rate: float) -> ProgramSpec:
+    (w_start, w_pages), _ = own_regions(MEMORY // 4096, 2)
+    return ProgramSpec("uniform", region_start=w_start, region_pages=w_pages, rate=rate, seed=1)
+
+
+def dma_writer() -> ProgramSpec:
+    # About 64 MiB/s of newly dirty pages over the whole guest: twice the bandwidth.
+    return ProgramSpec("uniform", rate=16384, seed=9)
+
+
+def run_migration(cfg: VmConfig, params: MigrationParameters, during=None) -> Migration:
+    incoming = Incoming("tcp:127.0.0.1:0", accept_timeout=30, io_timeout=30)
+    received: dict = {}
+
+    def receive() -> None:
+        try:
+            received["r"] = incoming.run()
+        except Exception as e:  # a migration that gives up closes the stream
+            received["error"] = e
+
+    dest = threading.Thread(target=receive, daemon=True)
+    dest.start()
+    vm = VM(cfg).start()
+    try:
+        time.sleep(0.3)
+        m = Migration(vm, incoming.address, params).start()
+        if during:
+            during(vm, m)
+        m.wait(120)
+        dest.join(30)
+        if "r" in received:
+            received["r"].vm.stop()
+        return m
+    finally:
+        if not vm.running:
+            vm.resume()
+        vm.stop()
+
+
+def params(policy: str, cap_s: float, **extra: object) -> MigrationParameters:
+    p = MigrationParameters(max_bandwidth=BANDWIDTH, x_max_time=cap_s, **extra)
+    policies.select(p, policy)
+    return p
+
+
+def test_dma_heavy_guest_converges_only_with_dma_throttling():
+    cfg = lambda: config(writer(1000), dma_writer())  # noqa: E731
+    off = run_migration(cfg(), params("dirty-quota", 8, x_dirty_quota_dma=False, x_dirty_quota_fallback=False))
+    assert off.status == "cancelled" and off.converged is False, off.error_desc
+    on = run_migration(cfg(), params("dirty-quota", 60, x_dirty_quota_dma=True))
+    assert on.status == "completed", on.error_desc
+    dma_exits = [s["quota-exits"][-1] for s in on.samples if "quota-exits" in s]
+    assert sum(dma_exits) > 0, "the DMA writer drew quota from the budget"
+
+
+def test_over_throttling_falls_back_to_auto_converge():
+    # A flat-out vCPU writer sleeps most of every interval, yet the DMA writer the quota
+    # cannot see keeps the bytes left from shrinking: dirty quota gives up to auto-converge.
+    m = run_migration(config(writer(0), dma_writer()), params("dirty-quota", 20, x_dirty_quota_dma=False))
+    changes = [c["policy"] for c in m.policy_changes]
+    assert changes[:2] == ["dirty-quota", "auto-converge"], m.policy_changes
+    assert "over-throttling" in m.policy_changes[1]["reason"]
+
+
+def test_skip_bulk_leaves_the_first_iteration_unthrottled():
+    m = run_migration(config(writer(16384)), params("dirty-quota", 60, x_dirty_quota_skip_bulk=True))
+    assert m.status == "completed", m.error_desc
+    bulk = [s for s in m.samples if s["ram"]["dirty-sync-count"] <= 1 and "quota-exits" in s]
+    assert bulk and all(sum(s["quota-exits"]) == 0 for s in bulk)
+    assert sum(sum(s.get("quota-exits", [0])) for s in m.samples) > 0
+
+
+def test_dirty_quota_switched_on_mid_migration_through_qmp():
+    def toggle(vm: VM, m: Migration) -> None:
+        time.sleep(1.0)
+        monitor = Monitor(vm, m.params)
+        monitor.migration = m
+        monitor.execute("migrate-set-capabilities", {"capabilities": [{"capability": "dirty-quota", "state": True}]})
+        monitor.execute("migrate-set-parameters", {"x-dirty-quota-interval": 20})
+
+    m = run_migration(config(writer(16384)), params("none", 60), during=toggle)
+    assert m.status == "completed", m.error_desc
+    assert [c["policy"] for c in m.policy_changes] == ["none", "dirty-quota"]
+    assert m.policy_changes[1]["reason"] == "migrate-set-capabilities"
+
+
+def test_qmp_refuses_other_capabilities_mid_migration_and_bad_combinations():
+    vm = VM(config(writer(100)))
+    monitor = Monitor(vm, MigrationParameters())
+    set_caps = lambda caps: monitor.execute(  # noqa: E731
+        "migrate-set-capabilities", {"capabilities": [{"capability": c, "state": True} for c in caps]}
+    )
+    with pytest.raises(QmpError, match="conflicts"):
+        set_caps(["auto-converge", "dirty-limit"])
+    assert not monitor.params.capabilities["auto-converge"], "all or nothing"
+    bitmap = Monitor(VM(VmConfig(vcpus=1, memory=16 * MiB)), MigrationParameters())
+    with pytest.raises(QmpError, match="dirty ring"):
+        bitmap.execute("migrate-set-capabilities", {"capabilities": [{"capability": "dirty-limit", "state": True}]})
+
+
+def test_qmp_dirty_limit_commands_slow_only_the_writer():
+    vm = VM(config(writer(16384))).start()
+    try:
+        monitor = Monitor(vm)
+        vm.start_dirty_log()
+        monitor.execute("set-vcpu-dirty-limit", {"cpu-index": 0, "dirty-rate": 4})
+        assert monitor.execute("query-vcpu-dirty-limit", {})[0]["limit-rate"] == 4
+        limiter = vm.dirty_limiter
+        deadline = time.monotonic() + 8  # a few controller periods of 1 s
+        while limiter.sleep_us[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert limiter.sleep_us[0] > 0, "the writer sleeps at each ring-full"
+        assert limiter.sleep_us[1] == 0 and limiter.limit[1] is None
+        monitor.execute("cancel-vcpu-dirty-limit", {})
+        assert monitor.execute("query-vcpu-dirty-limit", {}) == []
+        with pytest.raises(QmpError, match="cpu-index"):
+            monitor.execute("set-vcpu-dirty-limit", {"cpu-index": 7, "dirty-rate": 4})
+    finally:
+        vm.stop()
+    bitmap = Monitor(VM(VmConfig(vcpus=1, memory=16 * MiB)))
+    with pytest.raises(QmpError, match="dirty ring"):
+        bitmap.execute("set-vcpu-dirty-limit", {"dirty-rate": 4})
+
+
+def test_byte_accounting_a_larger_page_charges_its_full_size():
+    small = QuotaAllocator(writers=2, page_size=4096, initial_throughput=1 << 34)
+    huge = QuotaAllocator(writers=2, page_size=2 * MiB, initial_throughput=1 << 34)
+    assert small.limit * 4096 == pytest.approx(huge.limit * 2 * MiB), "same bytes per second"
+    assert huge.share >= 2
+    assert abs(small.share * 4096 - huge.share * 2 * MiB) <= 2 * MiB, "same bytes per interval, to a page"
+
+
+def test_retune_starts_fresh_intervals_and_keeps_the_pool():
+    t = [0.0]
+    a = QuotaAllocator(writers=1, interval=0.01, clock=lambda: t[0])
+    a.on_exit(0, 1, 1)
+    a.pool = 5
+    a.retune(interval=0.02, ratio=4.0, window=1.0)
+    assert (a.interval, a.ratio, a.pool) == (0.02, 4.0, 5)
+    assert a.on_exit(0, 10, 10).sleep == 0, "a fresh interval after a retune"
