@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from dqmig import _native
 from dqmig.migration import channel
 from dqmig.migration.channel import REC, StreamError
 from dqmig.migration.params import MigrationParameters
@@ -59,6 +60,7 @@ class Migration:
         self._dirty_count = 0
         self._cursor = 0
         self._cancel = threading.Event()
+        self._cancel_reason = "cancelled"
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._channels: list[Any] = []  # page channels; [0] is main without multifd
@@ -136,13 +138,13 @@ class Migration:
             self._iterate()
             self._complete()
         except Cancelled:
-            self._fail("cancelled", getattr(self, "_cancel_reason", "cancelled"))
+            self._fail("cancelled", self._cancel_reason)
         except NotConverged as e:
             self.converged = False
             self._fail("cancelled", str(e))
         except Exception as e:  # anything else fails the migration; the source VM runs on
             if self._cancel.is_set():
-                self._fail("cancelled", getattr(self, "_cancel_reason", "cancelled"))
+                self._fail("cancelled", self._cancel_reason)
             else:
                 self._fail("failed", str(e) if isinstance(e, StreamError | OSError | ValueError) else repr(e))
         finally:
@@ -486,8 +488,6 @@ class Migration:
 
 
 def _native_handshake(guest: Any, p: MigrationParameters) -> bytes:
-    from dqmig import _native
-
     return _native.encode_handshake(
         guest.page_size, guest.pages, guest.vcpus, guest.dirty_ring, p.channels, p.capability_bits()
     )
