@@ -6,17 +6,22 @@ start. Every writer (vCPU, and the DMA writer when it is throttled) is entitled 
 measured network throughput / ratio / writers. A writer runs until it has dirtied its quota
 (the KVM exit DIRTY_QUOTA_EXHAUSTED), then asks here:
 
-1. Overshoot (count > quota, PML-batched accounting): a penalty sleep of overshoot / L.
-2. Still in the interval of its last grant: claim up to q from the common pool and go on;
-   with the pool empty, sleep to the end of the interval (at most 0.99 of an interval) and
-   take a fresh grant there.
-3. In a later interval: what it was entitled to over the elapsed intervals and did not get
-   goes to the pool; it gets a fresh grant of q.
+1. Overshoot (count > quota, PML-batched accounting): a penalty sleep of overshoot / L, and
+   the overshoot is charged to the writer's own share (so it is not paid for twice by the
+   pool, and the penalty lowers the VM's dirty rate).
+2. Its share of the current interval not yet granted: it gets q.
+3. Otherwise: claim up to q from the common pool and go on; with the pool empty, sleep to the
+   start of its next interval and get that interval's share. A sleep is capped at 0.99 of an
+   interval; a writer the cap wakes before its next interval gets nothing and asks again, so
+   an interval's share is never granted twice nor used before the interval begins.
 
-Conservation: quota only enters through entitlements (q per writer per interval) and only
-leaves through grants; a writer's unused entitlement reaches the pool when it next asks.
-So over any run, pages granted <= writers x q x (intervals elapsed + 1), i.e. L x elapsed
-per writer plus one interval's share: the overshoot bound (plus PML overshoot, penalised).
+The ledger. Each writer accrues entitlement for every interval that has ended since its
+first exit, at the q in force when it is settled (at its exits, and for every writer before
+q changes, so a throughput update never revalues past intervals). Entitlement not spent on
+its own grants or overshoot goes to the pool; pool claims are kept apart. So quota only
+enters as entitlement and leaves as grants: granted + pool <= entitlement, and over a run a
+writer dirties at most L x elapsed + q from its own share, plus what it claims from others'
+unused share, plus its (penalised) overshoot.
 """
 
 from __future__ import annotations
@@ -39,11 +44,20 @@ class Decision:
 
 @dataclass
 class WriterState:
-    interval: int = -1  # index of the interval of the last fresh grant (-1: none yet)
-    granted: int = 0  # pages granted since that fresh grant (fresh + pool claims)
-    total_granted: int = 0
+    interval: int = -1  # the latest interval whose share was granted (-1: none yet)
+    accrued_until: int | None = None  # entitlement is settled for intervals < this
+    entitled: int = 0  # pages of share accrued over ended intervals
+    own: int = 0  # pages of its own share granted, plus overshoot charged
+    pooled: int = 0  # pages of its entitlement given to the pool
+    claimed: int = 0  # pages claimed from the pool
+    total_granted: int = 0  # own grants + claims
     total_sleep: float = 0.0
     exits: int = 0
+
+    @property
+    def credit(self) -> int:
+        """Entitlement of ended intervals neither granted nor pooled (negative: ahead)."""
+        return self.entitled - self.own - self.pooled
 
 
 @dataclass
@@ -82,10 +96,11 @@ class QuotaAllocator:
 
     def update_throughput(self, bytes_per_s: float) -> None:
         """A network throughput measurement (the migration's, every >= 100 ms). L follows the
-        mean over the last `window` seconds."""
+        mean over the last `window` seconds; past intervals are settled at the old q first."""
         now = self.clock()
         if bytes_per_s <= 0 or not math.isfinite(bytes_per_s):
             return
+        self._settle_all(now)
         self._samples.append((now, bytes_per_s))
         while self._samples and self._samples[0][0] < now - self.window:
             self._samples.popleft()
@@ -93,19 +108,46 @@ class QuotaAllocator:
 
     def retune(self, *, interval: float, ratio: float, window: float) -> None:
         """Parameters changed mid-migration (migrate-set-parameters). A new interval length
-        starts a fresh interval for every writer from now; the pool is kept."""
+        starts fresh interval numbering from now; every writer keeps its credit, and the pool
+        is kept."""
         if not (interval > 0 and ratio > 0 and window > 0):
             raise ValueError("interval, ratio and window must be positive")
+        now = self.clock()
+        self._settle_all(now)
         self.ratio, self.window = ratio, window
         if interval != self.interval:
-            self.interval, self.t0 = interval, self.clock()
+            self.interval, self.t0 = interval, now
             for s in self.state:
-                s.interval, s.granted = -1, 0
+                s.interval = -1
+                if s.accrued_until is not None:
+                    s.accrued_until = 0
 
-    # -- exits ---------------------------------------------------------------------------
+    # -- the ledger ------------------------------------------------------------------------
 
     def interval_at(self, t: float) -> int:
         return math.floor((t - self.t0) / self.interval)
+
+    def _settle(self, s: WriterState, k: int) -> None:
+        """Accrues the writer's share of intervals ended before k and pools unused credit."""
+        if s.accrued_until is None:
+            s.accrued_until = k  # entitlement starts at the writer's first exit
+            return
+        if k > s.accrued_until:
+            s.entitled += (k - s.accrued_until) * self.share
+            s.accrued_until = k
+        credit = s.credit
+        if credit > 0:
+            s.pooled += credit
+            self.pool += credit
+            self.pool_in += credit
+
+    def _settle_all(self, now: float) -> None:
+        k = self.interval_at(now)
+        for s in self.state:
+            if s.accrued_until is not None:
+                self._settle(s, k)
+
+    # -- exits ---------------------------------------------------------------------------
 
     def on_exit(self, writer: int, count: int, quota: int) -> Decision:
         """A DIRTY_QUOTA_EXHAUSTED exit (count >= quota) of `writer` now."""
@@ -113,33 +155,31 @@ class QuotaAllocator:
         s = self.state[writer]
         s.exits += 1
         q = self.share
-        penalty = max(0, count - quota) / self.limit if quota else 0.0
+        overshoot = max(0, count - quota) if quota else 0
+        penalty = overshoot / self.limit
+        s.own += overshoot  # dirtied without a grant: paid from its own share
+        self._settle(s, self.interval_at(now))
         k = self.interval_at(now + penalty)  # where the writer will be after the penalty
+        grant, wait, from_pool = 0, 0.0, 0
         if k > s.interval:
-            grant, wait, from_pool = self._fresh(s, k, q), 0.0, 0
+            grant = self._grant_own(s, k, q)
         elif self.pool > 0:
-            from_pool = min(self.pool, q)
-            self._take(from_pool)
-            s.granted += from_pool
-            grant, wait = from_pool, 0.0
+            from_pool = grant = min(self.pool, q)
+            self.pool -= grant
+            self.pool_out += grant
+            s.claimed += grant
         else:
-            end = self.t0 + (k + 1) * self.interval
-            wait = min(end - (now + penalty), MAX_SLEEP_SHARE * self.interval)
-            grant, from_pool = self._fresh(s, k + 1, q), 0
+            target = s.interval + 1
+            start = self.t0 + target * self.interval
+            needed = start - (now + penalty)
+            wait = max(0.0, min(needed, MAX_SLEEP_SHARE * self.interval))
+            if needed <= wait:  # it wakes in its next interval; else it asks again then
+                grant = self._grant_own(s, target, q)
         s.total_granted += grant
         s.total_sleep += penalty + wait
         return Decision(grant=grant, sleep=penalty + wait, penalty=penalty, from_pool=from_pool)
 
-    def _fresh(self, s: WriterState, k: int, q: int) -> int:
-        """Interval k begins for this writer: unused entitlement to the pool, grant q."""
-        if s.interval >= 0:
-            unused = (k - s.interval) * q - s.granted
-            if unused > 0:
-                self.pool += unused
-                self.pool_in += unused
-        s.interval, s.granted = k, q
+    def _grant_own(self, s: WriterState, k: int, q: int) -> int:
+        s.interval = k
+        s.own += q
         return q
-
-    def _take(self, pages: int) -> None:
-        self.pool -= pages
-        self.pool_out += pages
