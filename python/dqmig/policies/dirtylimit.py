@@ -29,11 +29,13 @@ def ring_full_time_us(ring_entries: int, page_size: int, max_rate_mbps: int) -> 
 
 def adjust_sleep(quota: int, current: int, sleep_us: float, ring_full_us: float) -> float:
     """QEMU's dirtylimit_set_throttle: the next sleep per ring-full (µs) for one vCPU with
-    limit `quota` and measured rate `current` (MB/s)."""
-    if current == 0:
-        return 0.0
+    limit `quota` and measured rate `current` (MB/s). As in QEMU the tolerance comes first:
+    a vCPU within 25 MB/s of its limit keeps its sleep, even one that stopped writing (it no
+    longer fills its ring, so it no longer sleeps)."""
     if abs(quota - current) <= TOLERANCE_MBPS:
         return sleep_us
+    if current == 0:
+        return 0.0
     if abs(quota - current) * 100 / max(quota, current) > 50:
         if current > quota:
             pct = (current - quota) * 100 // current
