@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from dqmig import __version__, dirtyrate, policies
 from dqmig.display import Progress
+from dqmig.experiments import cli as experiments_cli
 from dqmig.migration.channel import parse_uri
 from dqmig.migration.destination import Incoming, IncomingError
 from dqmig.migration.local import LocalDestination
@@ -498,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     _add_migrate_parser(sub)
     _add_incoming_parser(sub)
+    experiments_cli.add_parsers(sub)
     return parser
 
 

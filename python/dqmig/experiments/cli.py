@@ -1,0 +1,179 @@
+"""The `compare`, `sweep` and `report` subcommands. `dqmig.cli.build_parser` calls
+`add_parsers(sub)` with its subparsers."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+from typing import Any
+
+from dqmig import policies
+from dqmig.experiments import compare, results, scenario, sweep
+from dqmig.experiments.scenario import Scenario, ScenarioError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_compare(sub)
+    _add_sweep(sub)
+    _add_report(sub)
+
+
+# -- shared options ------------------------------------------------------------------------------
+
+
+def _policy_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in policies.POLICIES:
+            raise argparse.ArgumentTypeError(f"unknown policy {n!r}; choose from {', '.join(policies.POLICIES)}")
+    if not names:
+        raise argparse.ArgumentTypeError("no policy given")
+    return names
+
+
+def _add_common(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--policies",
+        type=_policy_list,
+        metavar="A,B,...",
+        help=f"policies to run ({', '.join(policies.POLICIES)}); default: {what}",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a scenario field, e.g. guest.vcpus=4, network.max-bandwidth=1Gbit, "
+        "x-max-time=10 (a migration parameter by QEMU's name) (repeatable)",
+    )
+    p.add_argument("--out", type=Path, metavar="DIR", help="report directory (default ./dqmig-<command>-<time>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _scenario(name: str | None, overrides: list[str]) -> Scenario:
+    s = scenario.load(name)
+    for item in overrides:
+        field, eq, value = item.partition("=")
+        field = field.strip()
+        if not eq or not field:
+            raise ScenarioError(f"--set {item!r}: expected FIELD=VALUE")
+        if "." in field:
+            s = s.with_value(field, scenario.parse_value(value.strip()))
+        else:
+            s = s.with_parameter(field, scenario.parse_value(value.strip()))
+    return s
+
+
+def _out_dir(args: argparse.Namespace, stem: str) -> Path:
+    if args.out:
+        return args.out
+    return Path(f"dqmig-{stem}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+def _saver(out: Path) -> Any:
+    """Saves results after every run, so an interrupted experiment keeps what it measured."""
+
+    def save(doc: dict[str, Any]) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        results.save(doc, out / "results.json")
+
+    return save
+
+
+def _finish(doc: dict[str, Any], out: Path) -> int:
+    from dqmig.experiments import report  # matplotlib: imported only when drawing
+
+    print(report.text(doc))
+    report.write(doc, out)
+    print(f"\nreport written to {out}/ (index.html, results.json, figures)")
+    return 0
+
+
+# -- compare -------------------------------------------------------------------------------------
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="migrate one scenario under each throttling policy, side by side",
+        description="Run the same scenario (guest, network, parameters) under each policy and print "
+        "converged, total time, downtime, transferred, iterations, peak throttle, guest slowdown per "
+        "vCPU class and a fairness index; write a report directory (results.json, PNG figures, "
+        f"index.html). Built-in scenarios: {', '.join(scenario.builtin_names())}.",
+    )
+    p.add_argument("scenario", nargs="?", metavar="SCENARIO", help="a TOML file or a built-in name (default)")
+    _add_common(p, "the scenario's `policies`")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    s = _scenario(args.scenario, args.set)
+    names = args.policies or list(s.policies)
+    out = _out_dir(args, "compare")
+    doc = compare.run(s, names, argv=sys.argv[1:], progress=not args.quiet, on_run=_saver(out))
+    return _finish(doc, out)
+
+
+# -- sweep ---------------------------------------------------------------------------------------
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    kinds = "; ".join(f"{k.name}: {k.help} (default {','.join(k.defaults)})" for k in sweep.SWEEPS.values())
+    p = sub.add_parser(
+        "sweep",
+        help="run a scenario across the values of one parameter, repeated",
+        description="guestperf-style sweep: every value x policy runs --repeat times (seeds seed, seed+1, ...); "
+        f"each point reports the median and min-max. Sweeps: {kinds}. "
+        "Or --param NAME for any migration parameter by QEMU's name.",
+    )
+    p.add_argument("kind", nargs="?", choices=sorted(sweep.SWEEPS), metavar="KIND", help="what to sweep")
+    p.add_argument("--param", metavar="NAME", help="sweep this migration parameter (QEMU's name) instead")
+    p.add_argument("--values", metavar="V1,V2,...", help="the values (default: the sweep's own)")
+    p.add_argument("--scenario", metavar="SCENARIO", help="a TOML file or a built-in name (default)")
+    p.add_argument("--repeat", type=_positive_int, default=1, metavar="N", help="runs per point (default 1)")
+    _add_common(p, "the sweep's own (dl-*: dirty-limit, dq-*: dirty-quota), else the scenario's")
+    p.set_defaults(func=cmd_sweep)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return n
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if bool(args.kind) == bool(args.param):
+        raise ScenarioError("sweep: give a KIND (e.g. bandwidth) or --param NAME, not both or neither")
+    kind = sweep.SWEEPS[args.kind] if args.kind else sweep.param_sweep(args.param)
+    values = [v.strip() for v in args.values.split(",") if v.strip()] if args.values else list(kind.defaults)
+    s = _scenario(args.scenario, args.set)
+    names = args.policies or list(kind.policies or s.policies)
+    out = _out_dir(args, f"sweep-{kind.name}")
+    doc = sweep.run(s, kind, values, names, args.repeat, argv=sys.argv[1:], progress=not args.quiet, on_run=_saver(out))
+    return _finish(doc, out)
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="redraw figures, tables and the HTML page from a saved results.json",
+        description="Redraw a report (tables, PNG figures, index.html) from saved results without rerunning.",
+    )
+    p.add_argument("results", type=Path, metavar="RESULTS", help="a results.json or a report directory")
+    p.add_argument("--out", type=Path, metavar="DIR", help="where to write (default: beside RESULTS)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    doc = results.load(args.results)
+    out = args.out or (args.results if args.results.is_dir() else args.results.parent)
+    return _finish(doc, out)

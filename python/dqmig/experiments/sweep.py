@@ -1,0 +1,307 @@
+"""Sweeps: one scenario across the values of one parameter, under several policies, repeated.
+
+guestperf-style: every (value, policy) point runs `repeat` times with seeds seed, seed+1, ...
+and reports the median and min-max. Repetitions are the outer loop, so a change in the
+machine's load during a long sweep spreads over all points instead of biasing a few.
+
+Named sweeps change the guest or the network in ways a single parameter cannot:
+dirty-rate (writers' rate as a multiple of the bandwidth: the convergence cliff) and skew
+(how many vCPUs share the same total dirty rate). `--param NAME` sweeps any migration
+parameter by QEMU's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from dqmig.experiments import metrics, results, runner
+from dqmig.experiments.scenario import Scenario, ScenarioError, parse_value
+from dqmig.migration.params import PARAMS, parse_bandwidth
+from dqmig.programs import classify
+
+RATE_KINDS = ("uniform", "hot-cold", "sequential")  # writers whose pace is a steps/s rate
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    field: str  # what changes, as a scenario field or a parameter name
+    axis: str  # the x-axis label
+    defaults: tuple[str, ...]
+    parse: Callable[[str], Any]
+    apply: Callable[[Scenario, Any], Scenario]
+    x: Callable[[Any], float] = float  # the value as a number on the x axis
+    log: bool = False
+    policies: tuple[str, ...] = ()  # the policies it is about (default: the scenario's)
+    help: str = ""
+
+
+# -- changing the scenario -----------------------------------------------------------------------
+
+
+def _writers(s: Scenario) -> list[int]:
+    """vCPUs running a writer whose pace is a steps/s rate (uniform, hot-cold, sequential)."""
+    programs = s.vm_config().programs
+    return [i for i, p in enumerate(programs) if classify(p) == "writer" and p.kind in RATE_KINDS]
+
+
+def _dirty_rate(s: Scenario, ratio: float) -> Scenario:
+    """Writers dirty `ratio` x max-bandwidth in total (nominal: one new page per step)."""
+    if not ratio > 0:
+        raise ScenarioError(f"dirty-rate {ratio}: must be > 0 (a writer rate of 0 would mean flat out)")
+    writers = _writers(s)
+    if not writers or any(i < len(s.guest.programs) for i in writers):
+        raise ScenarioError(f"{s.source}: dirty-rate sweep needs writers from guest.workload, not guest.programs")
+    bandwidth = s.migration_parameters("none").max_bandwidth
+    if not bandwidth:
+        raise ScenarioError(f"{s.source}: dirty-rate sweep needs a max-bandwidth (not 0 = unlimited)")
+    return s.with_value("guest.writer-rate", ratio * bandwidth / s.guest.page_size / len(writers))
+
+
+def _skew(s: Scenario, writers: int) -> Scenario:
+    """`writers` vCPUs share the scenario's total writer rate; the rest are read-mostly."""
+    if not 1 <= writers <= s.guest.vcpus:
+        raise ScenarioError(f"{s.source}: skew {writers}: must be 1..{s.guest.vcpus} writer vCPUs")
+    programs = s.vm_config().programs
+    base = [programs[i] for i in _writers(s)]
+    if not base:
+        raise ScenarioError(f"{s.source}: skew sweep needs a rate-limited writer in guest.workload")
+    rate = sum(p.rate for p in base) / writers
+    specs = [f"{base[0].kind}:rate={rate:g}"] * writers + ["read-mostly"] * (s.guest.vcpus - writers)
+    return s.with_value("guest.programs", specs)
+
+
+def _parameter(name: str) -> Callable[[Scenario, Any], Scenario]:
+    return lambda s, v: s.with_parameter(name, v)
+
+
+def _field(field: str) -> Callable[[Scenario, Any], Scenario]:
+    return lambda s, v: s.with_value(field, v)
+
+
+def _number(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise ScenarioError(f"sweep value {text!r} is not a number") from None
+
+    return parse
+
+
+def _param_value(name: str) -> Callable[[str], Any]:
+    spec = PARAMS[name]
+    if name == "max-bandwidth":
+        return parse_bandwidth
+    if spec.kind is bool:
+        return lambda text: {"on": True, "off": False}.get(text, parse_value(text))
+    return _number(spec.kind)
+
+
+def _bool_x(v: Any) -> float:
+    return float(v) if not isinstance(v, bool) else (1.0 if v else 0.0)
+
+
+SWEEPS: dict[str, Sweep] = {
+    s.name: s
+    for s in (
+        Sweep(
+            "bandwidth",
+            "max-bandwidth",
+            "max-bandwidth (Mbit/s)",
+            ("100Mbit", "1Gbit", "10Gbit"),
+            parse_bandwidth,
+            _parameter("max-bandwidth"),
+            x=lambda v: v * 8 / 1e6,
+            log=True,
+            help="network bandwidth, e.g. 100Mbit,1Gbit,10Gbit",
+        ),
+        Sweep(
+            "dirty-rate",
+            "guest.writer-rate",
+            "writers' dirty rate / bandwidth",
+            ("0.5", "1", "1.5", "2"),
+            _number(float),
+            _dirty_rate,
+            help="the writers' total rate as a multiple of max-bandwidth: the convergence cliff",
+        ),
+        Sweep(
+            "dq-interval",
+            "x-dirty-quota-interval",
+            "x-dirty-quota-interval (ms)",
+            ("2", "10", "50", "200"),
+            _number(int),
+            _parameter("x-dirty-quota-interval"),
+            log=True,
+            policies=("dirty-quota",),
+            help="dirty-quota interval in ms",
+        ),
+        Sweep(
+            "dq-window",
+            "x-dirty-quota-window",
+            "x-dirty-quota-window (ms)",
+            ("100", "500", "2000"),
+            _number(int),
+            _parameter("x-dirty-quota-window"),
+            log=True,
+            policies=("dirty-quota",),
+            help="dirty-quota throughput-estimation window in ms",
+        ),
+        Sweep(
+            "dl-period",
+            "x-vcpu-dirty-limit-period",
+            "x-vcpu-dirty-limit-period (ms)",
+            ("100", "300", "500", "1000"),
+            _number(int),
+            _parameter("x-vcpu-dirty-limit-period"),
+            policies=("dirty-limit",),
+            help="dirty-limit measuring period in ms",
+        ),
+        Sweep(
+            "dl-limit",
+            "vcpu-dirty-limit",
+            "vcpu-dirty-limit (MB/s)",
+            ("1", "8", "32"),
+            _number(int),
+            _parameter("vcpu-dirty-limit"),
+            log=True,
+            policies=("dirty-limit",),
+            help="dirty-limit per-vCPU limit in MB/s",
+        ),
+        Sweep(
+            "ring",
+            "guest.dirty-ring",
+            "dirty ring entries per vCPU",
+            ("1024", "4096", "16384"),
+            _number(int),
+            _field("guest.dirty-ring"),
+            log=True,
+            help="dirty ring size (KVM dirty-ring-size)",
+        ),
+        Sweep(
+            "vcpus",
+            "guest.vcpus",
+            "vCPUs",
+            ("1", "2", "4"),
+            _number(int),
+            _field("guest.vcpus"),
+            help="vCPU count (the preset gives each its program)",
+        ),
+        Sweep(
+            "skew",
+            "guest.programs",
+            "writer vCPUs (same total dirty rate)",
+            ("1", "2"),
+            _number(int),
+            _skew,
+            help="how many vCPUs share the writers' total rate; the others are read-mostly",
+        ),
+    )
+}
+
+
+def param_sweep(name: str) -> Sweep:
+    """A sweep of any migration parameter, by QEMU's name."""
+    name = name.replace("_", "-")
+    if name not in PARAMS:
+        raise ScenarioError(f"--param: unknown migration parameter {name!r}")
+    is_bool = PARAMS[name].kind is bool
+    doc = PARAMS[name].doc
+    axis = f"{name} ({doc})" if doc and len(doc) <= 8 else name
+    return Sweep(name, name, axis, ("off", "on") if is_bool else (), _param_value(name), _parameter(name), x=_bool_x)
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+def prepare(base: Scenario, sweep: Sweep, values: list[str], policies: list[str]) -> list[Scenario]:
+    """The scenario at every value, all validated before anything runs."""
+    if not values:
+        raise ScenarioError(f"sweep {sweep.name}: no values given (--values)")
+    points = [sweep.apply(base, sweep.parse(v)) for v in values]
+    for p in points:
+        p.check_policies(policies)
+    return points
+
+
+def run(
+    base: Scenario,
+    sweep: Sweep,
+    values: list[str],
+    policies: list[str],
+    repeat: int,
+    *,
+    argv: list[str],
+    progress: bool = True,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Runs every (repetition, value, policy); returns the results document."""
+    points = prepare(base, sweep, values, policies)
+    doc = results.new("sweep", base.to_dict(), policies, argv)
+    parsed = [sweep.parse(v) for v in values]
+    doc["sweep"] = {
+        "name": sweep.name,
+        "field": sweep.field,
+        "axis": sweep.axis,
+        "log": sweep.log,
+        "values": [v if isinstance(v, int | float | bool) else str(v) for v in parsed],
+        "x": [sweep.x(v) for v in parsed],
+        "labels": list(values),
+        "repeat": repeat,
+        "scenarios": [p.to_dict() for p in points],
+    }
+    total = repeat * len(points) * len(policies)
+    with tqdm(total=total, desc=f"sweep {sweep.name}", unit="run", disable=not progress, leave=True) as bar:
+        for rep in range(repeat):
+            for i, scenario in enumerate(points):
+                for policy in policies:
+                    bar.set_postfix_str(f"{values[i]} {policy} #{rep + 1}")
+                    r = runner.run(scenario, policy, seed=base.seed + rep, keep_series=False)
+                    doc["runs"].append({**r, "point": i, "repeat": rep})
+                    bar.update()
+                    if on_run:
+                        on_run(doc)
+    return doc
+
+
+# -- summarising ---------------------------------------------------------------------------------
+
+
+def summarize(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per (value, policy): how many converged, and median/min-max of each measure.
+
+    Runs that did not converge count with the time they were given (the cap), so a point's
+    total time is then a lower bound; `converged` < `runs` says so."""
+    sw = doc["sweep"]
+    out = []
+    for i, label in enumerate(sw["labels"]):
+        for policy in doc["policies"]:
+            runs = [r for r in doc["runs"] if r["point"] == i and r["policy"] == policy]
+            out.append(
+                {
+                    "point": i,
+                    "label": label,
+                    "x": sw["x"][i],
+                    "policy": policy,
+                    "runs": len(runs),
+                    "converged": sum(r["converged"] for r in runs),
+                    "total-time": metrics.spread([r["total-time"] for r in runs]),
+                    "downtime": metrics.spread([r["downtime"] for r in runs]),
+                    "slowdown-writer": metrics.spread([r["slowdown"].get("writer") for r in runs]),
+                    "slowdown-reader": metrics.spread([r["slowdown"].get("reader") for r in runs]),
+                    "fairness": metrics.spread([r["fairness"] for r in runs]),
+                    "cap": _cap(runs),
+                }
+            )
+    return out
+
+
+def _cap(runs: list[dict[str, Any]]) -> float | None:
+    """x-max-time of these runs in ms, if they had one."""
+    caps = [r.get("parameters", {}).get("x-max-time") for r in runs]
+    caps = [c for c in caps if c]
+    return max(caps) * 1000 if caps else None

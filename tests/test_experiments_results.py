@@ -1,0 +1,242 @@
+"""Results: the metrics, the saved schema (errors name the field), tables, and a report
+redrawn from a saved results.json alone (figures, tables, one self-contained HTML page)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+
+from dqmig.cli import main
+from dqmig.experiments import metrics, report, results, scenario, sweep
+from dqmig.experiments.results import ResultsError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+# -- fabricated results in the runner's shape ------------------------------------------------
+
+
+def fake_run(policy: str, converged: bool, *, series: bool = True, slow: float = 0.5) -> dict:
+    n = 30
+    t = [round(-1 + i * 0.1, 3) for i in range(n)]
+    vcpus = [
+        {"name": "vcpu0", "class": "writer", "program": "uniform", "baseline-rate": 1000.0},
+        {"name": "vcpu1", "class": "reader", "program": "stress", "baseline-rate": 5000.0},
+    ]
+    for v, kept in zip(vcpus, (1 - slow, 0.95), strict=True):
+        v.update({"migration-rate": v["baseline-rate"] * kept, "retained": kept, "slowdown": 1 - kept, "sleep": 0.2})
+    run = {
+        "policy": policy,
+        "seed": 0,
+        "status": "completed" if converged else "cancelled",
+        "converged": converged,
+        "error": None if converged else "did not converge within 2 s",
+        "total-time": 1800 if converged else 2000,
+        "downtime": 40 if converged else None,
+        "setup-time": 10,
+        "transferred": 50 << 20,
+        "iterations": 6,
+        "peak-throttle": 80.0,
+        "vcpus": vcpus,
+        "slowdown": metrics.class_means(vcpus, "slowdown"),
+        "fairness": metrics.jain([v["retained"] for v in vcpus]),
+        "policy-changes": [{"t": 0.0, "policy": policy, "reason": "setup"}],
+        "parameters": {"x-max-time": 2.0},
+    }
+    if series:
+        m_t = [x for x in t if x >= 0]
+        k = len(m_t)
+        run["series"] = {
+            "guest": {
+                "t": t,
+                "progress-rate": [[900.0, 4800.0]] * n,
+                "dirty-rate": [[4000.0, 0.0]] * n,
+                "sleep-share": [[0.3, 0.0]] * n,
+                "ms-per-gib": [[0.0, 250.0]] * n,
+            },
+            "migration": {
+                "t": m_t,
+                "event": ["setup"] + ["tick", "sync"] * ((k - 2) // 2) + ["tick"] * ((k - 2) % 2) + ["stop"],
+                "policy": [policy] * k,
+                "remaining": [int(64e6 - i * 3e6) for i in range(k)],
+                "transferred": [int(i * 3e6) for i in range(k)],
+                "bandwidth": [33_000_000] * k,
+                "dirty-pages-rate": [4000] * k,
+                "threshold": [9_000_000] * k,
+                "cpu-throttle-percentage": [min(99, 20 + 10 * i) for i in range(k)],
+                "dirty-limit-sleep-us": [[i * 100, 0] for i in range(k)],
+                "dirty-quota-pool": [i * 3 for i in range(k)],
+                "dirty-quota-limit": [4000] * k,
+                "page-size": 4096,
+            },
+        }
+    return run
+
+
+def fake_compare() -> dict:
+    doc = results.new("compare", scenario.load("default").to_dict(), ["none", "dirty-quota"], ["compare"])
+    doc["runs"] = [fake_run("none", False), fake_run("dirty-quota", True)]
+    return doc
+
+
+def fake_sweep() -> dict:
+    doc = results.new("sweep", scenario.load("default").to_dict(), ["none", "dirty-quota"], ["sweep"])
+    doc["sweep"] = {
+        "name": "bandwidth",
+        "field": "max-bandwidth",
+        "axis": "max-bandwidth (Mbit/s)",
+        "log": True,
+        "values": [12_500_000, 125_000_000],
+        "x": [100.0, 1000.0],
+        "labels": ["100Mbit", "1Gbit"],
+        "repeat": 2,
+    }
+    for rep in range(2):
+        for point in range(2):
+            doc["runs"].append({**fake_run("none", point == 1 and rep == 0, series=False), "point": point})
+            doc["runs"].append({**fake_run("dirty-quota", True, series=False, slow=0.3 + rep * 0.2), "point": point})
+    return doc
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def test_jain_index():
+    assert metrics.jain([1.0, 1.0, 1.0]) == pytest.approx(1.0)
+    assert metrics.jain([1.0, 0.0]) == pytest.approx(0.5)
+    assert metrics.jain([1.0, 0.5]) == pytest.approx(0.9)
+    assert metrics.jain([]) is None and metrics.jain([0.0, 0.0]) is None
+
+
+def test_slowdown_helpers():
+    assert metrics.retained(0, 5) is None
+    assert metrics.retained(200, 150) == 0.75
+    vcpus = [{"class": "writer", "x": 0.2}, {"class": "writer", "x": 0.4}, {"class": "idle", "x": None}]
+    assert metrics.class_means(vcpus, "x") == pytest.approx({"writer": 0.3})
+    assert metrics.spread([3, None, 1, 2]) == {"median": 2, "min": 1, "max": 3, "n": 3}
+    assert metrics.spread([None])["median"] is None
+
+
+# -- the schema ------------------------------------------------------------------------------
+
+
+def test_results_carry_what_it_takes_to_trace_and_rerun():
+    doc = fake_compare()
+    results.validate(doc)
+    assert doc["schema"] == results.SCHEMA and doc["dqmig"]
+    assert {"cpus", "memory", "python", "platform"} <= set(doc["machine"])
+    assert doc["git"] is None or re.fullmatch(r"[0-9a-f]{40}", doc["git"]["commit"])
+    rerun = scenario.loads(scenario.dump_toml(doc["scenario"]))
+    assert rerun == scenario.load("default")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.pop("machine"), "machine: missing"),
+        (lambda d: d.update(schema="other/9"), "schema: expected 'dqmig-results/1'"),
+        (lambda d: d.update(kind="race"), "kind: expected one of"),
+        (lambda d: d["runs"][1].pop("downtime"), "runs[1].downtime: missing"),
+        (lambda d: d["runs"][0].update(converged="yes"), "runs[0].converged: expected true/false, not str"),
+        (lambda d: d["runs"][0].update(iterations=True), "runs[0].iterations: expected a number, not a boolean"),
+        (lambda d: d["runs"][1]["vcpus"][0].pop("class"), "runs[1].vcpus[0].class: missing"),
+        (lambda d: d["runs"][0].update(series=[]), "runs[0].series: expected tables"),
+        (lambda d: d.update(runs={}), "runs: expected a list"),
+    ],
+)
+def test_bad_results_name_the_field(change, message):
+    doc = fake_compare()
+    change(doc)
+    with pytest.raises(ResultsError) as e:
+        results.validate(doc)
+    assert message in str(e.value)
+
+
+def test_a_sweep_needs_its_definition_and_point_indexes():
+    doc = fake_sweep()
+    results.validate(doc)
+    broken = copy.deepcopy(doc)
+    broken.pop("sweep")
+    with pytest.raises(ResultsError, match="sweep: expected an object"):
+        results.validate(broken)
+    doc["runs"][2].pop("point")
+    with pytest.raises(ResultsError, match=r"runs\[2\]\.point"):
+        results.validate(doc)
+
+
+def test_loading_names_the_file(tmp_path):
+    with pytest.raises(ResultsError, match="no such results file"):
+        results.load(tmp_path / "nothing.json")
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(ResultsError, match="not JSON"):
+        results.load(tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps({"schema": results.SCHEMA}))
+    with pytest.raises(ResultsError, match=r"results\.json: kind: missing"):
+        results.load(tmp_path)
+
+
+# -- tables and reports ----------------------------------------------------------------------
+
+
+def test_sweep_points_summarise_repetitions():
+    points = sweep.summarize(fake_sweep())
+    none_100 = next(p for p in points if p["label"] == "100Mbit" and p["policy"] == "none")
+    assert (none_100["converged"], none_100["runs"]) == (0, 2)
+    dq = next(p for p in points if p["label"] == "1Gbit" and p["policy"] == "dirty-quota")
+    assert dq["slowdown-writer"]["min"] == pytest.approx(0.3) and dq["slowdown-writer"]["max"] == pytest.approx(0.5)
+    text = report.text(fake_sweep())
+    assert "0/2" in text and "1/2" in text and "+40.0 [+30.0..+50.0]" in text
+
+
+def _check_report(out, figures: set[str]) -> str:
+    assert figures <= {p.name for p in out.iterdir()}
+    for name in figures:
+        assert (out / name).read_bytes().startswith(PNG)
+    page = (out / "index.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(figures)
+    assert not re.search(r'(src|href)="(?!data:)', page), "the page must not load anything from outside"
+    results.load(out)  # the saved copy validates
+    return page
+
+
+def test_report_redraws_a_compare_from_saved_json(tmp_path, capsys):
+    saved = tmp_path / "run"
+    saved.mkdir()
+    results.save(fake_compare(), saved / "results.json")
+    assert main(["report", str(saved / "results.json"), "--out", str(tmp_path / "redrawn")]) == 0
+    printed = capsys.readouterr().out
+    assert "dirty-quota" in printed and "writers slowdown %" in printed and "fairness" in printed
+    page = _check_report(tmp_path / "redrawn", {"progress.png", "migration.png", "throttle.png", "ms-per-gib.png"})
+    assert "did not converge within 2 s" in page and "<table>" in page
+    assert scenario.loads((tmp_path / "redrawn" / "scenario.toml").read_text()) == scenario.load("default")
+
+
+def test_report_redraws_a_sweep_in_place(tmp_path, capsys):
+    results.save(fake_sweep(), tmp_path / "results.json")
+    assert main(["report", str(tmp_path)]) == 0
+    assert "100Mbit" in capsys.readouterr().out
+    _check_report(tmp_path, {"sweep.png"})
+
+
+def test_report_of_a_bad_file_is_a_clear_error(tmp_path, capsys):
+    doc = fake_compare()
+    del doc["runs"][0]["policy"]
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    assert main(["report", str(tmp_path)]) == 2
+    assert "runs[0].policy: missing" in capsys.readouterr().err
+
+
+def test_throttle_figure_puts_each_sleep_where_it_happened():
+    from dqmig.experiments.figures import _asleep
+
+    run = fake_run("auto-converge", True)
+    m = run["series"]["migration"]
+    m["t"] = [0.0, 0.1, 0.2, 0.3]
+    m["sleep-ns"] = [[0, 0], [0, 0], [0, 0], [250_000_000, 50_000_000]]  # both woke at 0.3 s
+    t, share = _asleep(run)
+    assert list(t) == [0.0, 0.1, 0.2, 0.3]
+    assert share[:, 0] == pytest.approx([0, 0.5, 1, 1])
+    assert share[:, 1] == pytest.approx([0, 0, 0, 0.5])
