@@ -293,7 +293,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             assert migration is not None
             _show_progress(migration)
             migration.wait()
-            dest_report = dest.finish() if dest else None
+            # A destination whose migration did not complete exits with an error we already
+            # report from the source's side: end it quietly.
+            dest_report = dest.finish() if dest and migration.status == "completed" else None
     finally:
         if qmp:
             qmp.close()

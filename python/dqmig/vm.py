@@ -122,6 +122,7 @@ class VM:
         self.dirty_limiter: Any = None  # a policies.dirtylimit.DirtyLimiter once a limit is set
         n = len(self.all_writers)
         self.sleep_ns = [0] * n  # throttle sleep per writer (vCPUs, then the DMA writer)
+        self._sleep_started: list[float | None] = [None] * n  # a sleep in progress counts too
         self.handler_ns = [0] * n  # time spent in the exit handler
         self.done = [False] * n
         self._cv = threading.Condition()
@@ -244,11 +245,12 @@ class VM:
         the VM pauses or stops."""
         if seconds <= 0:
             return 0.0
-        t0 = time.monotonic()
+        slot = len(self.vcpus) if vcpu.is_device else vcpu.index
+        t0 = self._sleep_started[slot] = time.monotonic()
         with self._cv:
             self._cv.wait_for(lambda: self._paused or self._stopping, seconds)
         slept = time.monotonic() - t0
-        slot = len(self.vcpus) if vcpu.is_device else vcpu.index
+        self._sleep_started[slot] = None  # first, so a concurrent read never counts it twice
         self.sleep_ns[slot] += int(slept * 1e9)
         return slept
 
@@ -272,9 +274,11 @@ class VM:
     def counters(self) -> list[dict]:
         """Native counters of every writer plus the VM's sleep and handler times."""
         out = []
+        now = time.monotonic()
         for slot, v in enumerate(self.all_writers):
             c = v.counters()
-            c["sleep_ns"] = self.sleep_ns[slot]
+            started = self._sleep_started[slot]
+            c["sleep_ns"] = self.sleep_ns[slot] + (int((now - started) * 1e9) if started is not None else 0)
             c["handler_ns"] = self.handler_ns[slot]
             out.append(c)
         return out
