@@ -16,7 +16,7 @@ from dqmig.experiments import cli as experiments_cli
 from dqmig.migration.channel import parse_uri
 from dqmig.migration.destination import Incoming, IncomingError
 from dqmig.migration.local import LocalDestination
-from dqmig.migration.params import PARAMS, MigrationParameters, parse_bandwidth
+from dqmig.migration.params import PARAMS, MigrationParameters, parse_bandwidth, value_of
 from dqmig.migration.source import Migration
 from dqmig.monitor import Monitor
 from dqmig.programs import PRESETS, own_regions, parse_program, preset
@@ -240,22 +240,11 @@ def migration_params(args: argparse.Namespace) -> MigrationParameters:
         name, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"--param {item!r}: expected NAME=VALUE")
-        p.set(name.strip(), _param_value(name.strip(), value.strip()))
+        try:
+            p.set(name.strip(), value_of(name.strip(), value))
+        except ValueError as e:
+            raise ValueError(f"--param {item!r}: {e}") from None
     return p
-
-
-def _param_value(name: str, text: str) -> object:
-    spec = PARAMS.get(name)
-    if spec is None:
-        raise ValueError(f"--param: unknown migration parameter {name!r}")
-    if spec.kind is bool:
-        if text not in ("on", "off", "true", "false"):
-            raise ValueError(f"--param {name}: expected on or off, not {text!r}")
-        return text in ("on", "true")
-    try:
-        return spec.kind(text)
-    except ValueError:
-        raise ValueError(f"--param {name}: {text!r} is not a number") from None
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

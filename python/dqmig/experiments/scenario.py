@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dqmig import policies
-from dqmig.migration.params import CAPABILITIES, PARAMS, MigrationParameters, parse_bandwidth
+from dqmig.migration.params import CAPABILITIES, PARAMS, MigrationParameters, value_of
 from dqmig.programs import PRESETS, ProgramSpec, own_regions, parse_program, preset
 from dqmig.units import MiB, parse_size
 from dqmig.vm import VmConfig
@@ -309,14 +309,10 @@ class _Parser:
 
     def parameter_value(self, field: str, name: str, value: Any) -> Any:
         """Bandwidths may be written '32M' or '1Gbit'; booleans also 'on'/'off'."""
-        if name == "max-bandwidth" and isinstance(value, str):
-            try:
-                return parse_bandwidth(value)
-            except ValueError as e:
-                raise self.error(field, str(e)) from None
-        if PARAMS[name].kind is bool and value in ("on", "off"):
-            return value == "on"
-        return value
+        try:
+            return value_of(name, value)
+        except ValueError as e:
+            raise self.error(field, str(e)) from None
 
     def capabilities(self, caps: Any, multifd: bool) -> bool:
         if not isinstance(caps, dict):

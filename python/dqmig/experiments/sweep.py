@@ -19,8 +19,8 @@ from typing import Any
 from tqdm import tqdm
 
 from dqmig.experiments import metrics, results, runner
-from dqmig.experiments.scenario import Scenario, ScenarioError, parse_value
-from dqmig.migration.params import PARAMS, parse_bandwidth
+from dqmig.experiments.scenario import Scenario, ScenarioError
+from dqmig.migration.params import PARAMS, parse_bandwidth, value_of
 from dqmig.programs import classify
 
 RATE_KINDS = ("uniform", "hot-cold", "sequential")  # writers whose pace is a steps/s rate
@@ -94,12 +94,13 @@ def _number(kind: type) -> Callable[[str], Any]:
 
 
 def _param_value(name: str) -> Callable[[str], Any]:
-    spec = PARAMS[name]
-    if name == "max-bandwidth":
-        return parse_bandwidth
-    if spec.kind is bool:
-        return lambda text: {"on": True, "off": False}.get(text, parse_value(text))
-    return _number(spec.kind)
+    def parse(text: str) -> Any:
+        try:
+            return value_of(name, text)
+        except ValueError as e:
+            raise ScenarioError(f"sweep value {text!r}: {e}") from None
+
+    return parse
 
 
 def _bool_x(v: Any) -> float:

@@ -74,6 +74,7 @@ class Incoming:
         self.result = IncomingResult()
         self._channels: list[Any] = []
         self._errors: list[BaseException] = []
+        self._count_lock = threading.Lock()
 
     @property
     def address(self) -> str:
@@ -121,7 +122,7 @@ class Incoming:
             state, complete = self._receive_main(main, guest)
         except BaseException as e:
             # A failed page channel stops the main channel's reads; report its error instead.
-            reason = f"page channel failed: {self._errors[0]}" if self._errors else str(e)
+            reason = self._channel_failure() if self._errors else str(e)
             _tell(main, reason)
             if self._errors:
                 raise IncomingError(reason) from None
@@ -136,8 +137,8 @@ class Incoming:
             _tell(main, "a page channel did not finish")
             raise IncomingError("a page channel did not finish")
         if self._errors:
-            _tell(main, f"page channel failed: {self._errors[0]}")
-            raise IncomingError(f"page channel failed: {self._errors[0]}")
+            _tell(main, self._channel_failure())
+            raise IncomingError(self._channel_failure())
         self.result.vm = self._verify_and_resume(main, guest, state, complete)
         return self.result
 
@@ -183,11 +184,18 @@ class Incoming:
                 other.shutdown()
             main.shutdown(read_only=True)  # unblock the main thread, which tells the source why
 
+    def _channel_failure(self) -> str:
+        """The most telling page-channel error: a channel closed because the source hung up
+        after another one's fault says less than that fault."""
+        telling = [e for e in self._errors if not isinstance(e, _native.StreamClosed)]
+        return f"page channel failed: {(telling or self._errors)[0]}"
+
     def _count(self, stats: tuple[int, int, int]) -> None:
-        r = self.result
-        r.bytes += stats[0]
-        r.pages_zero += stats[1]
-        r.pages_normal += stats[2]
+        with self._count_lock:  # multifd channel threads count concurrently
+            r = self.result
+            r.bytes += stats[0]
+            r.pages_zero += stats[1]
+            r.pages_normal += stats[2]
 
     def _receive_main(self, main: Any, guest: _native.Guest) -> tuple[dict[str, Any], dict[str, Any]]:
         state: dict[str, Any] | None = None

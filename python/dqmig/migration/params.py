@@ -124,6 +124,30 @@ class MigrationParameters:
         return self.multifd_channels if self.capabilities["multifd"] else 1
 
 
+def value_of(name: str, value: Any) -> Any:
+    """A parameter's value from text as users write it ('1Gbit' or '125M' for max-bandwidth,
+    'on'/'off'/'true'/'false', numbers), or an already typed value (TOML, JSON), which
+    `MigrationParameters.set` then checks. Errors name the parameter."""
+    name = name.replace("_", "-")
+    spec = PARAMS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown migration parameter {name!r}")
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if name == "max-bandwidth":
+        return parse_bandwidth(text)
+    if spec.kind is bool:
+        if text in ("on", "true", "off", "false"):
+            return text in ("on", "true")
+        raise ValueError(f"{name}: expected on or off, not {text!r}")
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"{name}: {text!r} is not a number") from None
+    return int(number) if spec.kind is int and number.is_integer() else number
+
+
 def _attr(name: str) -> str:
     return name.replace("-", "_")
 
