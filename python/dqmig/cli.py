@@ -282,9 +282,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             assert migration is not None
             _show_progress(migration)
             migration.wait()
-            # A destination whose migration did not complete exits with an error we already
-            # report from the source's side: end it quietly.
-            dest_report = dest.finish() if dest and migration.status == "completed" else None
+            dest_report = dest.finish() if dest else None
+            if dest and dest.error and migration.status == "completed":
+                print(f"destination failed: {dest.error}", file=sys.stderr)  # else the source said why
     finally:
         if qmp:
             qmp.close()

@@ -245,14 +245,18 @@ class VM:
         the VM pauses or stops."""
         if seconds <= 0:
             return 0.0
-        slot = len(self.vcpus) if vcpu.is_device else vcpu.index
-        t0 = self._sleep_started[slot] = time.monotonic()
-        with self._cv:
+        slot = self.slot(vcpu)
+        with self._cv:  # the two sleep fields change together under the lock counters() takes
+            t0 = self._sleep_started[slot] = time.monotonic()
             self._cv.wait_for(lambda: self._paused or self._stopping, seconds)
-        slept = time.monotonic() - t0
-        self._sleep_started[slot] = None  # first, so a concurrent read never counts it twice
-        self.sleep_ns[slot] += int(slept * 1e9)
+            slept = time.monotonic() - t0
+            self._sleep_started[slot] = None
+            self.sleep_ns[slot] += int(slept * 1e9)
         return slept
+
+    def slot(self, vcpu: _native.Vcpu) -> int:
+        """A writer's index in all_writers (vCPUs, then the DMA writer)."""
+        return len(self.vcpus) if vcpu.is_device else vcpu.index  # type: ignore[return-value]
 
     # -- dirty logging ---------------------------------------------------------------------
 
@@ -274,11 +278,15 @@ class VM:
     def counters(self) -> list[dict]:
         """Native counters of every writer plus the VM's sleep and handler times."""
         out = []
-        now = time.monotonic()
+        with self._cv:
+            now = time.monotonic()
+            sleep_ns = [
+                ns + (int((now - started) * 1e9) if started is not None else 0)
+                for ns, started in zip(self.sleep_ns, self._sleep_started, strict=True)
+            ]
         for slot, v in enumerate(self.all_writers):
             c = v.counters()
-            started = self._sleep_started[slot]
-            c["sleep_ns"] = self.sleep_ns[slot] + (int((now - started) * 1e9) if started is not None else 0)
+            c["sleep_ns"] = sleep_ns[slot]
             c["handler_ns"] = self.handler_ns[slot]
             out.append(c)
         return out

@@ -53,7 +53,7 @@ def run(scenario: Scenario, policy: str, *, seed: int | None = None, keep_series
             finally:
                 _end(m)  # also on Ctrl-C: never leave a migration running
                 guest_samples = sampler.stop()
-        dest_report = dest.finish() if m.status == "completed" else None
+        dest_report = dest.finish()
     finally:
         dest.kill()
     result = _result(scenario, policy, seed, vm, m, baseline, before)

@@ -17,6 +17,7 @@ class LocalDestination:
 
     def __init__(self, proc: subprocess.Popen, uri: str, report: str) -> None:
         self.proc, self.uri, self.report = proc, uri, report
+        self.error: str | None = None
 
     @classmethod
     def start(cls, run_after: float, mem_prealloc: bool = False) -> LocalDestination:
@@ -34,14 +35,16 @@ class LocalDestination:
         return cls(proc, line.rsplit("listening on ", 1)[1].strip(), report)
 
     def finish(self) -> dict | None:
-        """Waits for the destination to end and returns its report (None if it failed)."""
+        """Waits for the destination to end and returns its report; None if it failed, with
+        its reason in `self.error` (the caller decides whether that is worth showing)."""
         try:
             out, err = self.proc.communicate(timeout=self.START_TIMEOUT_S + 60)
         except subprocess.TimeoutExpired:
             self.kill()
+            self.error = "the destination did not end in time"
             return None
         if self.proc.returncode != 0:
-            print(f"destination failed: {err.strip() or out.strip()}", file=sys.stderr)
+            self.error = err.strip() or out.strip()
             return None
         with open(self.report) as f:
             return json.load(f)

@@ -337,10 +337,7 @@ class Migration:
     def _sync(self) -> None:
         """One iteration: harvest the dirty log into the migration bitmap."""
         self._tick()
-        harvested = self.vm.guest.harvest()
-        new = int(np.count_nonzero(~self._dirty[harvested]))
-        self._dirty[harvested] = True
-        self._dirty_count += new
+        new = self._merge_harvest()
         self._period_new_dirty += new
         self.new_dirty_pages += new
         self.dirty_sync_count += 1
@@ -353,6 +350,14 @@ class Migration:
         self._barrier()
         channel.send_json(self._main, "Iteration", {"n": self.dirty_sync_count, "remaining": self.remaining})
         self._sample("sync")
+
+    def _merge_harvest(self) -> int:
+        """Harvests the dirty log into the migration bitmap; returns the pages newly dirty."""
+        harvested = self.vm.guest.harvest()
+        new = int(np.count_nonzero(~self._dirty[harvested]))
+        self._dirty[harvested] = True
+        self._dirty_count += new
+        return new
 
     def _barrier(self) -> None:
         """multifd: every page channel marks the end of this round, so the destination
@@ -371,9 +376,7 @@ class Migration:
         self._paused_by_us = was_running  # a guest the user had stopped stays stopped on failure
         self._stop_policy()
         self._sample("stop")
-        harvested = self.vm.guest.harvest()
-        self._dirty[harvested] = True
-        self._dirty_count = int(np.count_nonzero(self._dirty))
+        self._merge_harvest()
         self.dirty_sync_count += 1
         digest: dict[str, int] = {}
         hasher = threading.Thread(target=lambda: digest.update(d=self.vm.guest.digest()), name="digest")

@@ -64,7 +64,7 @@ class Policy(ContinueHandler):
 
     def slot(self, vcpu: _native.Vcpu) -> int:
         """Index of a writer in VM.all_writers (vCPUs, then the DMA writer)."""
-        return len(self.vm.vcpus) if vcpu.is_device else vcpu.index  # type: ignore[return-value]
+        return self.vm.slot(vcpu)
 
 
 def now() -> float:
