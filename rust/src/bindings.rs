@@ -40,7 +40,7 @@ struct Guest {
 #[pymethods]
 impl Guest {
     #[new]
-    #[pyo3(signature = (pages, page_size=4096, vcpus=1, dirty_ring=0))]
+    #[pyo3(signature = (pages, page_size=crate::memory::DEFAULT_PAGE_SIZE, vcpus=1, dirty_ring=0))]
     fn new(
         py: Python<'_>,
         pages: usize,
@@ -105,7 +105,9 @@ impl Guest {
     }
 
     /// A guest write: stores `value` in the page's first word, then marks the page for
-    /// `vcpu` (None = a device). True on a clean-to-dirty transition.
+    /// `vcpu` (None = a device). True on a clean-to-dirty transition. For tests and
+    /// benchmarks: a dirty ring has one producer, so do not write for a vCPU whose run() is
+    /// in progress.
     #[pyo3(signature = (page, value, vcpu=None))]
     fn write_and_mark(&self, page: u64, value: u64, vcpu: Option<usize>) -> PyResult<bool> {
         let p = self.inner.memory.check_page(page).map_err(to_py)?;
@@ -205,8 +207,9 @@ impl Guest {
         // SAFETY: `view` is the Py_buffer CPython passed to this slot. The pointer and length
         // describe the live guest mapping; PyBuffer_FillInfo takes a reference to `slf`, which
         // keeps the Arc (and so the mapping) alive until the buffer is released. The buffer is
-        // read-only; concurrent vCPU writes are word-sized atomic stores, so a reader sees
-        // each word either before or after a write, never a torn 8-byte word.
+        // read-only, so no Python code writes through it; vCPUs keep storing to the words
+        // with atomic stores meanwhile, which a reader (numpy, in C) sees as bytes of some
+        // recent state, the same as a hardware snapshot of running guest memory.
         let rc = unsafe {
             pyo3::ffi::PyBuffer_FillInfo(
                 view,

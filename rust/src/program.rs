@@ -147,7 +147,7 @@ pub struct Program {
     pub progress: u64,
 }
 
-const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+pub(crate) const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
 fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(GOLDEN);

@@ -293,9 +293,10 @@ fn vectored_all(
             Direction::Send => unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) },
             // SAFETY: each iovec is a run of whole pages of the destination's guest mapping,
             // checked in range by the caller and kept alive by its `&GuestMemory`. The kernel
-            // writes plain bytes there; every Rust access to guest memory goes through atomics
-            // on the same words, and an incoming guest has no vCPU running, so nothing races
-            // with this write. No Rust reference to the bytes is created.
+            // writes plain bytes there and no Rust reference to them is created; every Rust
+            // access to guest memory goes through atomics on the same words. (The destination
+            // also starts no vCPU until every channel has finished, so in practice nothing
+            // even reads these pages meanwhile.)
             Direction::Receive => unsafe {
                 libc::readv(fd, iov.as_ptr(), iov.len() as libc::c_int)
             },

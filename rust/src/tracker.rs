@@ -20,7 +20,7 @@
 
 use std::sync::atomic::{
     AtomicBool, AtomicU64,
-    Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst},
+    Ordering::{AcqRel, Relaxed, Release, SeqCst},
 };
 use std::sync::Mutex;
 
@@ -57,10 +57,6 @@ impl Bitmap {
     pub fn clear(&self, bit: usize) -> bool {
         let mask = 1u64 << (bit % 64);
         self.words[bit / 64].fetch_and(!mask, AcqRel) & mask != 0
-    }
-
-    pub fn test(&self, bit: usize) -> bool {
-        self.words[bit / 64].load(Acquire) & (1u64 << (bit % 64)) != 0
     }
 
     pub fn count(&self) -> usize {

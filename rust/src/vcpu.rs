@@ -18,7 +18,7 @@ use std::sync::atomic::{
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::program::{Program, ProgramSpec};
+use crate::program::{Program, ProgramSpec, GOLDEN};
 use crate::tracker::Writer;
 use crate::{Error, Guest};
 
@@ -273,13 +273,10 @@ impl Vcpu {
         kicked
     }
 
-    fn exit(&self, reason: ExitReason, flushed: u64) -> Exit {
+    /// Counts the exit; `count` is the dirty count it reports (for a quota exit, the count
+    /// the check saw, which PML batching can leave behind the true one).
+    fn exit(&self, reason: ExitReason, count: u64) -> Exit {
         bump(&self.counters.exits[reason as usize], 1);
-        let count = if reason == ExitReason::DirtyQuotaExhausted {
-            flushed
-        } else {
-            self.dirty_count()
-        };
         Exit {
             reason,
             count,
@@ -311,25 +308,28 @@ impl Vcpu {
         let wpp = mem.words_per_page();
         let page_bytes = mem.page_size() as u64;
         let c = &self.counters;
+        // Fixed for the whole run: the program cannot change while the state lock is held.
         let rate = st.program.spec.rate;
         let compute = st.program.compute();
+        let idle = st.program.is_idle();
+        let stress = st.program.is_stress();
         // Dirtied pages the quota check has not seen yet (PML emulation).
         let mut unflushed = 0u64;
         let mut work = 0u64;
         loop {
             if self.kicked.load(Relaxed) && self.kicked.swap(false, Acquire) {
-                return self.exit(ExitReason::Kicked, self.dirty_count() - unflushed);
+                return self.exit(ExitReason::Kicked, self.dirty_count());
             }
             if st.program.is_done() {
                 return self.exit(ExitReason::Done, self.dirty_count());
             }
-            if work >= CLOCK_CHECK_WORK || st.program.is_idle() {
+            if work >= CLOCK_CHECK_WORK || idle {
                 work = 0;
                 if Instant::now() >= deadline {
-                    return self.exit(ExitReason::Timeslice, self.dirty_count() - unflushed);
+                    return self.exit(ExitReason::Timeslice, self.dirty_count());
                 }
             }
-            if st.program.is_idle() {
+            if idle {
                 self.halt_until(deadline);
                 continue;
             }
@@ -373,13 +373,13 @@ impl Vcpu {
             } else {
                 let mut v = mem.read_words(access.page, access.word_offset, access.words);
                 for _ in 0..compute {
-                    v = std::hint::black_box(v.rotate_left(7).wrapping_mul(GOLDEN_ODD) ^ 0x5bd1);
+                    v = std::hint::black_box(v.rotate_left(7).wrapping_mul(GOLDEN) ^ 0x5bd1);
                 }
                 std::hint::black_box(v);
             }
             st.program.complete();
             bump(&c.progress, 1);
-            if st.program.is_stress() {
+            if stress {
                 self.account_stress(st, page_bytes);
             }
         }
@@ -420,8 +420,6 @@ impl Vcpu {
         }
     }
 }
-
-const GOLDEN_ODD: u64 = 0x9e37_79b9_7f4a_7c15;
 
 #[cfg(test)]
 mod tests {
