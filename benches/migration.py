@@ -7,7 +7,7 @@ process over loopback TCP, with no bandwidth cap (max-bandwidth 0).
   channel, over the raw loopback TCP throughput measured by this script between two
   processes (sendall of 4 MiB buffers / recv_into into one reused buffer; best of 3). Transfer
   throughput = bytes transferred / (total-time - setup-time - verify-time): the time the
-  pages are moving. The destination runs with --mem-prealloc (QEMU's -mem-prealloc), so
+  pages are moving, the stop-and-copy included. The destination runs with --mem-prealloc (QEMU's -mem-prealloc), so
   its memory is faulted in during setup, as a QEMU destination's is before migration.
 * end_to_end_ratio_1ch: bytes transferred / total-time without --mem-prealloc, setup and
   digest verification included, over the same baseline. On a host where first touching
@@ -70,17 +70,23 @@ def loopback_bytes_per_s(total: int) -> float:
 
 
 def migrate(memory: str, *extra: str) -> dict:
-    """Runs `dqmig migrate` to a local destination; returns its JSON report."""
+    """Runs `dqmig migrate` to a local destination; returns its JSON report. The 10 s warm-up
+    lets the one-pass stress fill finish first: first-touch page faults here cost 1-4 s per
+    GiB depending on the host's load."""
     with tempfile.TemporaryDirectory() as d:
         report = os.path.join(d, "r.json")
         cmd = [sys.executable, "-m", "dqmig", "migrate", "--vcpus", "1", "--memory", memory]
-        cmd += ["--max-bandwidth", "0", "--warmup", "4", "--run-after", "0", "--report", report, *extra]
+        cmd += ["--max-bandwidth", "0", "--warmup", "10", "--run-after", "0", "--report", report, *extra]
         subprocess.run(cmd, check=True, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with open(report) as f:
             return json.load(f)
 
 
 def transfer_throughput(report: dict) -> float:
+    """Bytes transferred over the time pages are moving: total-time minus setup and minus the
+    destination's digest verification. Not QEMU's active-phase mbps: with no bandwidth cap,
+    bandwidth x downtime-limit is hundreds of MB, so most of an idle guest goes out in the
+    stop-and-copy, which this counts."""
     r = report["migration"]["result"]
     busy_ms = r["total-time"] - r["setup-time"] - report["destination"]["verify-time-ms"]
     return r["ram"]["transferred"] / (busy_ms / 1000)
