@@ -67,6 +67,7 @@ def params(
 
 # A migration that does not converge: with downtime-limit 0 only an empty dirty set ends it.
 NEVER_CONVERGES = dict(bandwidth=64 * MiB, downtime=0)
+FAST = 200_000.0  # steps/s for those: writers that never leave a sync with nothing dirty
 # One that converges at once, even through the (slow, Python) proxy on a busy machine.
 CONVERGES = dict(downtime=5000)
 
@@ -332,7 +333,7 @@ def test_connection_dropped_during_bulk(multifd, start_destination, wait_until):
 @pytest.mark.parametrize("multifd", [False, True], ids=["single", "multifd"])
 def test_connection_dropped_during_iterations(multifd, start_destination, wait_until):
     """The proxy cuts once the source has synced the dirty log a few times."""
-    with start_destination() as rx, CuttingProxy(rx.uri) as proxy, VM(fault_config()) as vm:
+    with start_destination() as rx, CuttingProxy(rx.uri) as proxy, VM(fault_config(rate=FAST)) as vm:
         time.sleep(0.05)
         m = Migration(vm, proxy.uri, params(multifd=multifd, **NEVER_CONVERGES)).start()
         wait_until(lambda: ram(m, "dirty-sync-count") >= 4 or not m.active, what="a few iterations")
@@ -390,7 +391,7 @@ def test_destination_refuses_at_switchover(start_destination, wait_until, monkey
 
 def test_destination_page_channels_killed(start_destination, wait_until):
     """The destination's connections are shut down in the middle of a multifd migration."""
-    with start_destination() as rx, VM(fault_config()) as vm:
+    with start_destination() as rx, VM(fault_config(rate=FAST)) as vm:
         time.sleep(0.05)
         m = Migration(vm, rx.uri, params(multifd=True, **NEVER_CONVERGES)).start()
         wait_until(lambda: ram(m, "dirty-sync-count") >= 3 or not m.active, what="a few iterations")
@@ -456,7 +457,7 @@ def test_cancel_during_setup(wait_until):
 
 @pytest.mark.parametrize("multifd", [False, True], ids=["single", "multifd"])
 def test_cancel_while_active(multifd, start_destination, wait_until):
-    with start_destination() as rx, VM(fault_config()) as vm:
+    with start_destination() as rx, VM(fault_config(rate=FAST)) as vm:
         time.sleep(0.05)
         m = Migration(vm, rx.uri, params(multifd=multifd, **NEVER_CONVERGES)).start()
         wait_until(
@@ -518,7 +519,7 @@ def test_cancel_before_start_and_after_end_are_no_ops(wait_until):
 
 def test_not_converging_gives_up(start_destination, wait_until):
     """x-max-iterations: a migration that does not converge is cancelled, not left running."""
-    with start_destination() as rx, VM(fault_config()) as vm:
+    with start_destination() as rx, VM(fault_config(rate=FAST)) as vm:
         time.sleep(0.05)
         p = params(**NEVER_CONVERGES)
         p.set("x-max-iterations", 3)

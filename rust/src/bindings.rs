@@ -150,9 +150,14 @@ impl Guest {
     }
 
     /// The memory digest: xxh3-64 over every page's xxh3-64, in page order.
-    fn digest(&self, py: Python<'_>) -> u64 {
+    /// `threads`: how many threads hash (default: every core).
+    #[pyo3(signature = (threads=None))]
+    fn digest(&self, py: Python<'_>, threads: Option<usize>) -> u64 {
         let g = self.inner.clone();
-        py.detach(move || g.memory.digest())
+        py.detach(move || match threads {
+            Some(n) => g.memory.digest_with(n),
+            None => g.memory.digest(),
+        })
     }
 
     fn start_dirty_log(&self) {

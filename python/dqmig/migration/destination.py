@@ -19,6 +19,7 @@ from dqmig.programs import ProgramSpec
 from dqmig.vm import VM, VmConfig
 
 MAX_VCPUS = 1024
+WORKER_GRACE_S = 1.0  # after the main channel fails, how long page channels get to report
 MAX_CHANNELS = 255
 
 
@@ -121,19 +122,17 @@ class Incoming:
         try:
             state, complete = self._receive_main(main, guest)
         except BaseException as e:
-            # A failed page channel stops the main channel's reads; report its error instead.
+            # Let the page channels say what they saw before choosing what to report: a
+            # failed page channel is what stops the main channel's reads.
+            self._end_page_channels(workers, grace=WORKER_GRACE_S)
             reason = self._channel_failure() if self._errors else str(e)
             _tell(main, reason)
             if self._errors:
                 raise IncomingError(reason) from None
             raise
-        finally:
-            for w in workers:
-                w.join(self.io_timeout)
+        self._end_page_channels(workers, grace=self.io_timeout)
         if any(w.is_alive() for w in workers):
             # Never resume while a channel could still write guest memory.
-            for ch in self._channels[1:]:
-                ch.shutdown()
             _tell(main, "a page channel did not finish")
             raise IncomingError("a page channel did not finish")
         if self._errors:
@@ -183,6 +182,18 @@ class Incoming:
             for other in pages:
                 other.shutdown()
             main.shutdown(read_only=True)  # unblock the main thread, which tells the source why
+
+    def _end_page_channels(self, workers: list[threading.Thread], grace: float) -> None:
+        """Waits up to `grace` s for the page-channel threads to end by themselves, then
+        shuts their connections so none is left blocked."""
+        deadline = time.monotonic() + grace
+        for w in workers:
+            w.join(max(0.0, deadline - time.monotonic()))
+        if any(w.is_alive() for w in workers):
+            for ch in self._channels[1:]:
+                ch.shutdown()
+            for w in workers:
+                w.join(self.io_timeout)
 
     def _channel_failure(self) -> str:
         """The most telling page-channel error: a channel closed because the source hung up

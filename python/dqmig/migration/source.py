@@ -379,8 +379,10 @@ class Migration:
         self._merge_harvest()
         self.dirty_sync_count += 1
         digest: dict[str, int] = {}
-        hasher = threading.Thread(target=lambda: digest.update(d=self.vm.guest.digest()), name="digest")
-        hasher.start()  # the vCPUs are stopped: memory is final; hash while the rest goes out
+        # The vCPUs are stopped, so memory is final: hash on one thread while the rest goes
+        # out, leaving the other core to the sender.
+        hasher = threading.Thread(target=lambda: digest.update(d=self.vm.guest.digest(1)), name="digest")
+        hasher.start()
         while self._dirty_count > 0:
             self._check_cancel()
             self._send(self._take_dirty(BATCH_PAGES * len(self._channels)), precopy=False)
