@@ -178,9 +178,7 @@ def _mean(xs: list[float]) -> float:
 
 def _print_run_table(vm: VM, samples) -> None:
     page_mb = vm.guest.page_size / MiB
-    names = [f"vcpu{i}" for i in range(len(vm.vcpus))] + (["dma"] if vm.dma else [])
-    classes = vm.vcpu_classes() + (["device"] if vm.dma else [])
-    programs = vm.programs + ([vm.config.dma] if vm.config.dma else [])
+    names, classes, programs = vm.writer_names(), vm.writer_classes(), vm.writer_programs()
     print(
         f"\n{'writer':<7} {'class':<7} {'program':<12} {'progress/s':>12} {'dirty pages/s':>14} "
         f"{'dirty MB/s':>11} {'write MB/s':>11} {'ms/GiB':>8}"
@@ -350,7 +348,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         return 1
     vm = result.vm
     assert vm is not None
-    names = [f"vcpu{i}" for i in range(len(vm.vcpus))] + (["dma"] if vm.dma else [])
+    names = vm.writer_names()
     before = [v.progress for v in vm.all_writers]
     time.sleep(args.run_after)
     after = [v.progress for v in vm.all_writers]

@@ -44,6 +44,13 @@ class ProgramSpec:
             raise ValueError(f"program {self.kind!r} takes no parameter {sorted(unknown)[0]!r}")
         self.params = {**known, **self.params}
 
+    @classmethod
+    def from_native(cls, spec: dict[str, Any]) -> ProgramSpec:
+        """The inverse of to_json: a spec as the native Vcpu exports it (kind, the common
+        fields, the kind's parameters flat beside them)."""
+        params = {k: v for k, v in spec.items() if k not in _COMMON and k != "kind"}
+        return cls(kind=spec["kind"], **{k: spec[k] for k in _COMMON if k in spec}, params=params)
+
     def to_json(self) -> str:
         """The form the native Vcpu takes."""
         d: dict[str, Any] = {k: v for k, v in asdict(self).items() if k != "params"}

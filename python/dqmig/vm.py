@@ -140,13 +140,23 @@ class VM:
     def vcpu_classes(self) -> list[str]:
         return [classify(p) for p in self.programs]
 
+    def writer_names(self) -> list[str]:
+        """Names of all_writers, in order: vcpu0, vcpu1, ..., then dma."""
+        return [f"vcpu{i}" for i in range(len(self.vcpus))] + (["dma"] if self.dma else [])
+
+    def writer_classes(self) -> list[str]:
+        """Classes of all_writers: each vCPU's (writer/reader/idle), then device."""
+        return self.vcpu_classes() + (["device"] if self.dma else [])
+
+    def writer_programs(self) -> list[ProgramSpec]:
+        return self.programs + ([self.config.dma] if self.config.dma else [])
+
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> VM:
         if self._threads:
             raise VmError("VM already started")
-        for slot, v in enumerate(self.all_writers):
-            name = "dma" if v.is_device else f"vcpu{v.index}"
+        for slot, (v, name) in enumerate(zip(self.all_writers, self.writer_names(), strict=True)):
             t = threading.Thread(target=self._vcpu_loop, args=(slot, v), name=name, daemon=True)
             self._threads.append(t)
             t.start()

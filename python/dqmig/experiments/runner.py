@@ -153,9 +153,7 @@ def _vcpus(vm: VM, m: Migration, baseline: list[float], before: tuple[float, lis
     t0, p0 = before
     end = _end_sample(m)
     seconds = end["_t"] - t0
-    names = [f"vcpu{i}" for i in range(len(vm.vcpus))] + (["dma"] if vm.dma else [])
-    classes = vm.vcpu_classes() + (["device"] if vm.dma else [])
-    programs = vm.programs + ([vm.config.dma] if vm.config.dma else [])
+    names, classes, programs = vm.writer_names(), vm.writer_classes(), vm.writer_programs()
     counters = vm.counters()
     out = []
     for i, name in enumerate(names):

@@ -266,20 +266,13 @@ def _vm_from_device_state(guest: _native.Guest, state: dict[str, Any]) -> VM:
         memory=guest.size,
         page_size=guest.page_size,
         dirty_ring=guest.dirty_ring,
-        programs=[ProgramSpec(**_spec_fields(json.loads(s)["spec"])) for s in vcpus],
-        dma=ProgramSpec(**_spec_fields(json.loads(dma)["spec"])) if dma else None,
+        programs=[ProgramSpec.from_native(json.loads(s)["spec"]) for s in vcpus],
+        dma=ProgramSpec.from_native(json.loads(dma)["spec"]) if dma else None,
     )
     vm = VM(config, guest=guest)
     for v, s in zip(vm.all_writers, vcpus + ([dma] if dma else []), strict=True):
         v.import_state(s)
     return vm
-
-
-def _spec_fields(spec: dict[str, Any]) -> dict[str, Any]:
-    """ProgramSpec arguments from a native program spec (for reports and classes)."""
-    common = ("region_start", "region_pages", "write_size", "rate", "seed", "steps")
-    params = {k: v for k, v in spec.items() if k not in common and k != "kind"}
-    return {"kind": spec["kind"], **{k: spec[k] for k in common if k in spec}, "params": params}
 
 
 def _tell(ch: Any, reason: str) -> None:
