@@ -19,7 +19,7 @@ from dqmig.migration.local import LocalDestination
 from dqmig.migration.params import PARAMS, MigrationParameters, parse_bandwidth, value_of
 from dqmig.migration.source import Migration
 from dqmig.monitor import Monitor
-from dqmig.programs import PRESETS, own_regions, parse_program, preset
+from dqmig.programs import PRESETS, guest_programs
 from dqmig.qmp import QmpServer
 from dqmig.sampler import Sampler
 from dqmig.units import MiB, format_size, parse_size
@@ -102,14 +102,17 @@ def _add_guest_options(p: argparse.ArgumentParser) -> None:
 
 
 def vm_config(args: argparse.Namespace) -> VmConfig:
-    pages = args.memory // args.page_size
-    programs = preset(args.workload, args.vcpus, pages, args.seed, args.writer_rate)
     if len(args.program) > args.vcpus:
         raise ValueError(f"{len(args.program)} --program given for {args.vcpus} vCPUs")
-    regions = own_regions(pages, args.vcpus)
-    for i, text in enumerate(args.program):
-        programs[i] = parse_program(text, region=regions[i], seed=args.seed * 1000 + i)
-    dma = parse_program(args.dma, region=(0, 0), seed=args.seed * 1000 + 999) if args.dma else None
+    programs, dma = guest_programs(
+        args.workload,
+        args.vcpus,
+        args.memory // args.page_size,
+        seed=args.seed,
+        writer_rate=args.writer_rate,
+        programs=args.program,
+        dma=args.dma,
+    )
     return VmConfig(
         vcpus=args.vcpus,
         memory=args.memory,

@@ -132,7 +132,7 @@ def preset(name: str, vcpus: int, pages: int, seed: int = 0, writer_rate: float 
     regions = own_regions(pages, vcpus)
 
     def spec(i: int, text: str) -> ProgramSpec:
-        p = parse_program(text, region=regions[i], seed=seed * 1000 + i)
+        p = parse_program(text, region=regions[i], seed=vcpu_seed(seed, i))
         if p.kind in ("uniform", "hot-cold", "sequential"):
             p.rate = writer_rate
         return p
@@ -140,6 +140,36 @@ def preset(name: str, vcpus: int, pages: int, seed: int = 0, writer_rate: float 
     if name == "skewed":
         return [spec(i, "uniform" if i == 0 else "read-mostly") for i in range(vcpus)]
     return [spec(i, name) for i in range(vcpus)]
+
+
+def vcpu_seed(seed: int, i: int) -> int:
+    """Each vCPU's program seed from the workload seed (i = DMA_SEED for the DMA writer)."""
+    return seed * 1000 + i
+
+
+DMA_SEED = 999
+
+
+def guest_programs(
+    workload: str,
+    vcpus: int,
+    pages: int,
+    *,
+    seed: int,
+    writer_rate: float,
+    programs: list[str],
+    dma: str | None,
+) -> tuple[list[ProgramSpec], ProgramSpec | None]:
+    """The preset's programs with explicit per-vCPU program specs over the first ones, and
+    the DMA writer's program (None without one)."""
+    if len(programs) > vcpus:
+        raise ValueError(f"{len(programs)} programs given for {vcpus} vCPUs")
+    specs = preset(workload, vcpus, pages, seed, writer_rate)
+    regions = own_regions(pages, vcpus)
+    for i, text in enumerate(programs):
+        specs[i] = parse_program(text, region=regions[i], seed=vcpu_seed(seed, i))
+    dma_spec = parse_program(dma, region=(0, 0), seed=vcpu_seed(seed, DMA_SEED)) if dma else None
+    return specs, dma_spec
 
 
 def classify(spec: ProgramSpec) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from dqmig import policies
 from dqmig.migration.params import CAPABILITIES, PARAMS, MigrationParameters, value_of
-from dqmig.programs import PRESETS, ProgramSpec, own_regions, parse_program, preset
+from dqmig.programs import PRESETS, guest_programs, parse_program
 from dqmig.units import MiB, parse_size
 from dqmig.vm import VmConfig
 
@@ -341,12 +341,15 @@ class _Parser:
 
 def vm_config(g: Guest, seed: int) -> VmConfig:
     """The VM configuration: the preset's programs, then the explicit ones over them."""
-    pages = g.memory // g.page_size
-    programs: list[ProgramSpec] = preset(g.workload, g.vcpus, pages, seed, g.writer_rate)
-    regions = own_regions(pages, g.vcpus)
-    for i, text in enumerate(g.programs):
-        programs[i] = parse_program(text, region=regions[i], seed=seed * 1000 + i)
-    dma = parse_program(g.dma, region=(0, 0), seed=seed * 1000 + 999) if g.dma else None
+    programs, dma = guest_programs(
+        g.workload,
+        g.vcpus,
+        g.memory // g.page_size,
+        seed=seed,
+        writer_rate=g.writer_rate,
+        programs=list(g.programs),
+        dma=g.dma,
+    )
     return VmConfig(
         vcpus=g.vcpus, memory=g.memory, page_size=g.page_size, dirty_ring=g.dirty_ring, programs=programs, dma=dma
     )
