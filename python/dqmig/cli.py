@@ -419,9 +419,21 @@ def _add_migrate_parser(sub: argparse._SubParsersAction) -> None:
         help="any migration parameter by QEMU's name, e.g. cpu-throttle-increment=20, vcpu-dirty-limit=10, "
         "x-dirty-quota-interval=10, x-dirty-quota-skip-bulk=on (repeatable; see query-migrate-parameters)",
     )
-    m.add_argument("--downtime-limit", type=_non_negative(int), default=300, metavar="MS", help="ms (default 300)")
+    m.add_argument(
+        "--downtime-limit",
+        type=_non_negative(int),
+        default=PARAMS["downtime-limit"].default,
+        metavar="MS",
+        help=f"ms (default {PARAMS['downtime-limit'].default})",
+    )
     m.add_argument("--multifd", action="store_true", help="capability multifd: parallel page channels")
-    m.add_argument("--multifd-channels", type=_positive(int), default=2, metavar="N", help="(default 2)")
+    m.add_argument(
+        "--multifd-channels",
+        type=_positive(int),
+        default=PARAMS["multifd-channels"].default,
+        metavar="N",
+        help=f"(default {PARAMS['multifd-channels'].default})",
+    )
     m.add_argument(
         "--max-iterations",
         type=_non_negative(int),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dqmig import __version__
+from dqmig.migration.destination import host_memory
 
 SCHEMA = "dqmig-results/1"
 KINDS = ("compare", "sweep")
@@ -46,7 +47,7 @@ def new(kind: str, scenario: dict[str, Any], policies: list[str], argv: list[str
 def machine_facts() -> dict[str, Any]:
     facts: dict[str, Any] = {
         "cpus": os.cpu_count(),
-        "memory": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "memory": host_memory(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),
