@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, PREFETCH_AHEAD};
 
 pub const MAGIC: [u8; 8] = *b"DQMIGSTR";
 pub const VERSION: u32 = 1;
@@ -232,7 +232,10 @@ fn send_batch(
     // (pointer, length) runs of page data; adjacent pages merge into one run.
     let mut runs: Vec<(*const u8, usize)> = Vec::new();
     let unbacked = mem.unbacked(pages);
-    for (&p, unbacked) in pages.iter().zip(unbacked) {
+    for (i, (&p, unbacked)) in pages.iter().zip(unbacked).enumerate() {
+        if let Some(&ahead) = pages.get(i + PREFETCH_AHEAD) {
+            mem.prefetch_page(ahead as usize); // the zero check below reads each page's start
+        }
         let page = mem
             .check_page(p)
             .map_err(|e| StreamError::Protocol(e.to_string()))?;
@@ -363,7 +366,9 @@ pub fn receive(stream: &mut TcpStream, mem: Option<&GuestMemory>) -> Result<Rece
     let len = u32::from_le_bytes(h[4..].try_into().expect("4 bytes")) as usize;
     if t == RecordType::Pages {
         let Some(mem) = mem else {
-            return protocol("page batch before the handshake");
+            return protocol(
+                "page batch out of place (before the handshake or after the last page)",
+            );
         };
         return receive_pages(stream, mem, len).map(Received::Pages);
     }
