@@ -176,7 +176,7 @@ BEFORE_HANDSHAKE = {
     "oversized-u32": (record("Handshake", length=0xFFFFFFFF), "exceeds"),
     "not-a-handshake": (record("End"), "expected a handshake, got record type 10"),
     "device-state-first": (jrec("DeviceState", {}), "expected a handshake, got record type 6"),
-    "pages-before-handshake": (batch([0 | ZERO]), "page batch before the handshake"),
+    "pages-before-handshake": (batch([0 | ZERO]), "page batch out of place"),
 }
 
 
@@ -253,6 +253,20 @@ AFTER_HANDSHAKE = {
         f"memory digest mismatch: source 1, destination {ZERO_DIGEST}",
     ),
     "complete-not-an-object": (jrec("DeviceState", {}) + jrec("Complete", [1]), "memory digest mismatch: source None"),
+    # The destination hashes its copy on the device state, then waits for the source's digest.
+    "source-error-after-device-state": (
+        jrec("DeviceState", {}) + record("Error", b"cancelled"),
+        "source reported: cancelled",
+    ),
+    "device-state-then-pages": (
+        jrec("DeviceState", {}) + batch([3], page_data(7)),
+        "page batch out of place",
+    ),
+    "device-state-then-iteration": (
+        jrec("DeviceState", {}) + record("Iteration", b"{}"),
+        "expected the completion record after the device state, got Iteration",
+    ),
+    "closed-after-device-state": (jrec("DeviceState", {}), "^connection closed by peer$"),
     "truncated-after-pages": (batch([3], page_data(7)) + b"\x04\x00", "truncated inside a record header"),
     "closed-mid-migration": (batch([3], page_data(7)) + record("Iteration", b"{}"), "^connection closed by peer$"),
 }
@@ -263,7 +277,7 @@ def test_destination_rejects_bad_records(case, start_destination):
     data, message = AFTER_HANDSHAKE[case]
     replies = expect_refusal(start_destination, VALID + data, message)
     assert replies and replies[0] == ("HandshakeAck", b"")
-    if case != "closed-mid-migration":  # the source is gone; nobody to tell
+    if not case.startswith("closed-"):  # the source is gone; nobody to tell
         errors = [p.decode() for name, p in replies if name == "Error"]
         assert errors and errors[0], f"the source is told why: {replies}"
 
@@ -347,7 +361,7 @@ def hello(i: int) -> bytes:
 MULTIFD_CASES = {
     "no-channels-arrive": ([], "no migration arrived on .* in time"),
     "one-channel-missing": ([hello(0)], "no migration arrived"),
-    "pages-before-hello": ([batch([1 | ZERO]), hello(1)], "page batch before the handshake"),
+    "pages-before-hello": ([batch([1 | ZERO]), hello(1)], "page batch out of place"),
     "index-out-of-range": ([hello(5), hello(1)], "bad multifd channel index 5"),
     "index-twice": ([hello(0), hello(0)], "bad multifd channel index 0"),
     "hello-short": ([record("ChannelHello", b"abc"), hello(1)], "ChannelHello record has 3 bytes, expected 8"),

@@ -490,7 +490,7 @@ impl Channel {
 
     /// Reads the next record. A page batch is checked and applied to `guest` and returned as
     /// (PAGES, None, (bytes, zero, normal)); anything else as (type, payload, None). Without
-    /// a guest (before the handshake) a page batch is a protocol error.
+    /// a guest (before the handshake, or after the last page) a page batch is a protocol error.
     #[allow(clippy::type_complexity)]
     #[pyo3(signature = (guest=None))]
     fn receive<'py>(

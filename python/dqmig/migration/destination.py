@@ -120,7 +120,7 @@ class Incoming:
         main.send_record(REC["HandshakeAck"], b"")
         workers = self._start_page_channels(h, guest) if h["capabilities"] & 1 else []
         try:
-            state, complete = self._receive_main(main, guest)
+            state = self._receive_main(main, guest)
         except BaseException as e:
             # Let the page channels say what they saw before choosing what to report: a
             # failed page channel is what stops the main channel's reads.
@@ -138,7 +138,7 @@ class Incoming:
         if self._errors:
             _tell(main, self._channel_failure())
             raise IncomingError(self._channel_failure())
-        self.result.vm = self._verify_and_resume(main, guest, state, complete)
+        self.result.vm = self._verify_and_resume(main, guest, state)
         return self.result
 
     def _start_page_channels(self, h: dict[str, Any], guest: _native.Guest) -> list[threading.Thread]:
@@ -208,8 +208,9 @@ class Incoming:
             r.pages_zero += stats[1]
             r.pages_normal += stats[2]
 
-    def _receive_main(self, main: Any, guest: _native.Guest) -> tuple[dict[str, Any], dict[str, Any]]:
-        state: dict[str, Any] | None = None
+    def _receive_main(self, main: Any, guest: _native.Guest) -> dict[str, Any]:
+        """Applies the main channel's records up to the device state, which follows the
+        last page; returns that state."""
         while True:
             t, payload, stats = main.receive(guest)
             name = REC_NAME.get(t, str(t))
@@ -218,21 +219,24 @@ class Incoming:
             elif name == "Iteration":
                 self.result.iterations += 1
             elif name == "DeviceState":
-                state = channel.decode_json(name, payload)
+                return channel.decode_json(name, payload)
             elif name == "Complete":
-                if state is None:
-                    raise _native.ProtocolError("completion before device state")
-                return state, channel.decode_json(name, payload)
+                raise _native.ProtocolError("completion before device state")
             elif name == "Error":
                 raise IncomingError(f"source reported: {payload.decode(errors='replace')}")
             else:
                 raise _native.ProtocolError(f"unexpected {name} record on the main channel")
 
-    def _verify_and_resume(
-        self, main: Any, guest: _native.Guest, state: dict[str, Any], complete: dict[str, Any]
-    ) -> VM:
+    def _verify_and_resume(self, main: Any, guest: _native.Guest, state: dict[str, Any]) -> VM:
+        # Every page is in: hash this copy while the source hashes its own (the source's
+        # digest comes in the completion record), then compare.
         t0 = time.monotonic()
         digest = guest.digest()
+        try:
+            complete = _receive_complete(main)
+        except (StreamError, IncomingError) as e:
+            _tell(main, str(e))
+            raise
         self.result.verify_time = time.monotonic() - t0
         self.result.digest = digest
         if not isinstance(complete, dict) or complete.get("digest") != digest:
@@ -253,6 +257,17 @@ class Incoming:
             vm.stop()  # the source will resume its copy: never run two
             raise IncomingError(f"cannot confirm the resume to the source: {e}") from None
         return vm
+
+
+def _receive_complete(main: Any) -> Any:
+    """The completion record (the source's digest), or the source's reason for failing."""
+    t, payload, stats = main.receive(None)
+    name = REC_NAME.get(t, str(t))
+    if name == "Error":
+        raise IncomingError(f"source reported: {payload.decode(errors='replace')}")
+    if name != "Complete" or stats:
+        raise _native.ProtocolError(f"expected the completion record after the device state, got {name}")
+    return channel.decode_json(name, payload)
 
 
 def _vm_from_device_state(guest: _native.Guest, state: dict[str, Any]) -> VM:
