@@ -13,7 +13,7 @@ import time
 import pytest
 
 from dqmig import policies
-from dqmig.migration.destination import Incoming
+from dqmig.migration.destination import Incoming, IncomingError
 from dqmig.migration.params import MigrationParameters
 from dqmig.migration.source import Migration
 from dqmig.programs import ProgramSpec, own_regions
@@ -46,7 +46,14 @@ def migrate(policy: str) -> dict:
     """Runs one migration with `policy`; returns its outcome and the reader's pace."""
     incoming = Incoming("tcp:127.0.0.1:0", accept_timeout=30, io_timeout=30)
     received: dict = {}
-    dest = threading.Thread(target=lambda: received.update(r=incoming.run()), daemon=True)
+
+    def receive() -> None:
+        try:
+            received["r"] = incoming.run()
+        except IncomingError as e:  # expected when the source gives up (policy "none")
+            received["error"] = e
+
+    dest = threading.Thread(target=receive, daemon=True)
     dest.start()
     params = MigrationParameters(max_bandwidth=BANDWIDTH, x_max_time=NONE_CAP_S if policy == "none" else POLICY_CAP_S)
     policies.select(params, policy)
@@ -61,7 +68,13 @@ def migrate(policy: str) -> dict:
         dest.join(30)
         if "r" in received:
             received["r"].vm.stop()
-        return {"migration": m, "baseline": baseline, "during": during, "ratio": during / baseline}
+        return {
+            "migration": m,
+            "baseline": baseline,
+            "during": during,
+            "ratio": during / baseline,
+            "received": received,
+        }
     finally:
         if not vm.running:
             vm.resume()
@@ -78,6 +91,7 @@ def test_plain_precopy_does_not_converge_and_says_so(outcomes):
     assert m.status == "cancelled"
     assert m.converged is False
     assert "did not converge" in m.error_desc
+    assert "error" in outcomes["none"]["received"], "the destination must not resume"
 
 
 @pytest.mark.parametrize("policy", ["dirty-quota", "auto-converge", "dirty-limit"])
