@@ -62,7 +62,11 @@ class Vcpu:
     def run(self, timeslice: float) -> Exit:
         """Runs the guest program (GIL released) until an exit or `timeslice` seconds."""
     def kick(self) -> None: ...
-    def sync(self) -> None: ...
+    def sync(self) -> None:
+        """Kicks and waits until no run() is in progress."""
+    @staticmethod
+    def sync_all(vcpus: list[Vcpu]) -> None:
+        """sync() on every vCPU given: kicked together, waited for in one call."""
     quota: int
     @property
     def dirty_count(self) -> int: ...

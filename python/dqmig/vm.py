@@ -275,10 +275,7 @@ class VM:
         as KVM makes vCPUs exit when a memslot starts logging: writes made before are visible
         to whoever reads memory next, and every later write is logged."""
         self.guest.start_dirty_log()
-        for v in self.all_writers:
-            v.kick()  # all at once, then wait for each
-        for v in self.all_writers:
-            v.sync()
+        _native.Vcpu.sync_all(self.all_writers)
 
     def stop_dirty_log(self) -> None:
         self.guest.stop_dirty_log()

@@ -317,6 +317,17 @@ impl Vcpu {
         py.detach(move || v.sync());
     }
 
+    /// `sync` on many vCPUs in one call: kicked together, waited for with the GIL released
+    /// once (each separate call would queue for the GIL behind busy vCPU threads).
+    #[staticmethod]
+    fn sync_all(py: Python<'_>, vcpus: Vec<PyRef<'_, Vcpu>>) {
+        let inner: Vec<_> = vcpus.iter().map(|v| v.inner.clone()).collect();
+        py.detach(move || {
+            let refs: Vec<&vcpu::Vcpu> = inner.iter().map(|v| &**v).collect();
+            vcpu::Vcpu::sync_all(&refs);
+        });
+    }
+
     #[getter]
     fn quota(&self) -> u64 {
         self.inner.quota()

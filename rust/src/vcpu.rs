@@ -12,8 +12,8 @@
 //! (511 for B = 512, the figure given in the KVM review).
 
 use std::sync::atomic::{
-    AtomicBool, AtomicU64,
-    Ordering::{Acquire, Relaxed, Release},
+    AtomicBool, AtomicU64, AtomicUsize,
+    Ordering::{AcqRel, Acquire, Relaxed, Release},
 };
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -114,6 +114,8 @@ pub struct Vcpu {
     quota: AtomicU64,
     pml_batch: u64,
     kicked: AtomicBool,
+    /// Threads inside `sync`: `run` waits for them to finish before it starts again.
+    syncing: AtomicUsize,
     wake_lock: Mutex<()>,
     wake: Condvar,
 }
@@ -163,6 +165,7 @@ impl Vcpu {
             quota: AtomicU64::new(0),
             pml_batch: 1,
             kicked: AtomicBool::new(false),
+            syncing: AtomicUsize::new(0),
             wake_lock: Mutex::new(()),
             wake: Condvar::new(),
         })
@@ -228,8 +231,43 @@ impl Vcpu {
     /// is visible to the caller, and every later run sees what the caller did before
     /// (used when dirty logging starts, as KVM makes vCPUs exit on a memslot change).
     pub fn sync(&self) {
-        self.kick();
-        drop(self.lock_state());
+        Self::sync_all(&[self]);
+    }
+
+    /// `sync` on every vCPU in `vcpus`: all are kicked at once, then each is waited for.
+    /// A vCPU whose run ended does not start another until the sync is over, so a busy
+    /// vCPU thread cannot take the lock back before a descheduled syncer gets it (on an
+    /// overcommitted host that cost a whole timeslice per vCPU).
+    pub fn sync_all(vcpus: &[&Vcpu]) {
+        for v in vcpus {
+            v.syncing.fetch_add(1, AcqRel);
+            v.kick();
+        }
+        for v in vcpus {
+            drop(v.lock_state());
+        }
+        for v in vcpus {
+            if v.syncing.fetch_sub(1, AcqRel) == 1 {
+                let _g = v.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
+                v.wake.notify_all();
+            }
+        }
+    }
+
+    /// Holds a `run` back while a `sync` is in progress.
+    fn wait_for_sync(&self) {
+        if self.syncing.load(Acquire) == 0 {
+            return;
+        }
+        let mut g = self.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
+        while self.syncing.load(Acquire) > 0 {
+            // The count changes under this lock before the notify; the timeout is a backstop.
+            g = self
+                .wake
+                .wait_timeout(g, Duration::from_millis(1))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     fn lock_state(&self) -> MutexGuard<'_, RunState> {
@@ -286,6 +324,7 @@ impl Vcpu {
 
     /// Runs the guest program for at most `timeslice`, until an exit.
     pub fn run(&self, timeslice: Duration) -> Exit {
+        self.wait_for_sync();
         let mut st = self.lock_state();
         let start = Instant::now();
         let halt_before = self.counters.halt_ns.load(Relaxed);
@@ -601,6 +640,44 @@ mod tests {
         let s = v.snapshot();
         assert_eq!(s.stress_gib, 1);
         assert!(s.stress_last_ms_per_gib > 0.0);
+    }
+
+    #[test]
+    fn sync_all_returns_while_vcpu_threads_keep_running() {
+        let g = guest(64, TrackMode::Bitmap, 2);
+        let a = Vcpu::new(g.clone(), 0, spec(Workload::Uniform, 0)).unwrap();
+        let b = Vcpu::new(g, 1, spec(Workload::Uniform, 0)).unwrap();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for v in [&a, &b] {
+                let stop = &stop;
+                s.spawn(move || {
+                    while !stop.load(Acquire) {
+                        v.run(Duration::from_millis(1)); // a vCPU thread's loop
+                    }
+                });
+            }
+            for _ in 0..50 {
+                Vcpu::sync_all(&[&a, &b]);
+            }
+            stop.store(true, Release);
+        });
+        assert_eq!(a.syncing.load(Acquire) + b.syncing.load(Acquire), 0);
+    }
+
+    #[test]
+    fn run_does_not_start_while_a_sync_is_in_progress() {
+        let g = guest(64, TrackMode::Bitmap, 1);
+        let v = Vcpu::new(g, 0, spec(Workload::Uniform, 0)).unwrap();
+        v.syncing.fetch_add(1, AcqRel); // a syncer that has not taken the lock yet
+        std::thread::scope(|s| {
+            let h = s.spawn(|| v.run(LONG));
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(v.snapshot().progress, 0, "run started during a sync");
+            v.syncing.fetch_sub(1, AcqRel);
+            v.kick(); // wakes the held-back run, which then exits on the kick
+            assert_eq!(h.join().unwrap().reason, ExitReason::Kicked);
+        });
     }
 
     #[test]
