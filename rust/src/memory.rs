@@ -140,7 +140,6 @@ impl GuestMemory {
             .fold(0u64, |acc, w| acc.rotate_left(5) ^ w.load(Relaxed))
     }
 
-    /// Copies one page into `out` (which must be `page_size` bytes).
     /// Starts loading the first cache line of `page`, if it exists. Walking pages one after
     /// another, each page's first load otherwise stalls on a TLB and cache miss (a nested
     /// page walk in a VM) that the hardware prefetcher does not cross a page boundary to
@@ -159,6 +158,7 @@ impl GuestMemory {
         let _ = page;
     }
 
+    /// Copies one page into `out` (which must be `page_size` bytes).
     pub fn read_page_into(&self, page: usize, out: &mut [u8]) {
         for (chunk, w) in out.chunks_exact_mut(WORD).zip(self.page_words(page)) {
             chunk.copy_from_slice(&w.load(Relaxed).to_le_bytes());

@@ -261,7 +261,8 @@ impl Vcpu {
         }
         let mut g = self.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
         while self.syncing.load(Acquire) > 0 {
-            // The count changes under this lock before the notify; the timeout is a backstop.
+            // The syncer takes this lock to notify after its count drops, so a count seen
+            // above zero here is followed by a notify; the timeout is only a backstop.
             g = self
                 .wake
                 .wait_timeout(g, Duration::from_millis(1))
@@ -661,6 +662,27 @@ mod tests {
                 Vcpu::sync_all(&[&a, &b]);
             }
             stop.store(true, Release);
+        });
+        assert_eq!(a.syncing.load(Acquire) + b.syncing.load(Acquire), 0);
+    }
+
+    #[test]
+    fn sync_all_ends_the_runs_in_progress_even_with_a_vcpu_listed_twice() {
+        let g = guest(64, TrackMode::Bitmap, 2);
+        let a = Vcpu::new(g.clone(), 0, spec(Workload::Uniform, 0)).unwrap();
+        let b = Vcpu::new(g, 1, spec(Workload::Uniform, 0)).unwrap();
+        std::thread::scope(|s| {
+            let ha = s.spawn(|| a.run(LONG));
+            let hb = s.spawn(|| b.run(LONG));
+            while a.snapshot().progress == 0 || b.snapshot().progress == 0 {
+                std::thread::yield_now(); // both runs are in progress
+            }
+            Vcpu::sync_all(&[&a, &b, &a]);
+            // Each run counted its kicked exit under the state lock sync_all then took.
+            let kicked = |v: &Vcpu| v.snapshot().exits[ExitReason::Kicked as usize];
+            assert_eq!((kicked(&a), kicked(&b)), (1, 1));
+            assert_eq!(ha.join().unwrap().reason, ExitReason::Kicked);
+            assert_eq!(hb.join().unwrap().reason, ExitReason::Kicked);
         });
         assert_eq!(a.syncing.load(Acquire) + b.syncing.load(Acquire), 0);
     }
