@@ -503,6 +503,58 @@ def test_cancel_during_device_phase(start_destination, wait_until):
         assert_source_intact(vm, wait_until)
 
 
+def test_cancel_while_the_source_hashes(start_destination, wait_until):
+    """Between the device state and the completion record the source hashes its memory; a
+    cancel then still wins: no completion record goes out, the destination gives up."""
+    with start_destination() as rx, VM(fault_config()) as vm:
+        stop_log = vm.stop_dirty_log
+        hashing, cancelled = threading.Event(), threading.Event()
+
+        def stop_log_and_hold() -> None:  # called just before the source's digest
+            stop_log()
+            if not hashing.is_set():
+                hashing.set()
+                cancelled.wait(10)
+
+        vm.stop_dirty_log = stop_log_and_hold
+        time.sleep(0.05)
+        m = Migration(vm, rx.uri, params()).start()
+        assert hashing.wait(END_S), "the migration never reached its digest"
+        m.cancel()
+        cancelled.set()
+        assert_ended(m, "cancelled", "cancelled by migrate_cancel")
+        del vm.stop_dirty_log
+        assert_destination_failed(rx)
+        assert_source_intact(vm, wait_until)
+
+
+def test_cancel_after_the_completion_record_is_ignored(start_destination, monkeypatch):
+    """Once the completion record is out the destination decides; a late cancel must not
+    resume the source while the destination resumes its copy (two guests running)."""
+    verified, go = threading.Event(), threading.Event()
+    build = destination_module._vm_from_device_state
+
+    def verified_then_hold(*args):
+        verified.set()
+        go.wait(10)
+        return build(*args)
+
+    monkeypatch.setattr(destination_module, "_vm_from_device_state", verified_then_hold)
+    with start_destination() as rx, VM(fault_config()) as vm:
+        time.sleep(0.05)
+        m = Migration(vm, rx.uri, params()).start()
+        assert verified.wait(END_S), "the destination never verified the digest"
+        m.cancel()
+        go.set()
+        assert m.wait(END_S) == "completed", (m.status, m.error_desc)
+        assert not vm.running, "the guest runs on the destination only"
+        rx.join()
+        assert rx.result is not None and rx.result.vm is not None, repr(rx.error)
+        assert rx.result.vm.running
+        assert rx.result.source_digest_time is not None and rx.result.digest_time >= 0
+        rx.result.vm.stop()
+
+
 def test_cancel_before_start_and_after_end_are_no_ops(wait_until):
     with VM(fault_config()) as vm:
         m = Migration(vm, free_port_uri(), params())

@@ -314,8 +314,8 @@ def _finish_migrate(args: argparse.Namespace, vm: VM, m: Migration, dest_report:
     )
     if dest_report:
         print(
-            f"destination: digest verified in {dest_report['verify-time-ms']} ms; guest resumed, progress "
-            + ", ".join(f"{n} +{d}" for n, d in dest_report["progress-after-resume"].items())
+            f"destination: digest verified in {dest_report['verify-time-ms']} ms (both sides hashing at once); "
+            "guest resumed, progress " + ", ".join(f"{n} +{d}" for n, d in dest_report["progress-after-resume"].items())
         )
     report = {
         "dqmig": __version__,
@@ -364,6 +364,8 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         "bytes": result.bytes,
         "digest": result.digest,
         "verify-time-ms": int(result.verify_time * 1000),
+        "digest-time-ms": int(result.digest_time * 1000),
+        "source-digest-time-ms": None if result.source_digest_time is None else int(result.source_digest_time * 1000),
         "run-after-s": args.run_after,
         "progress-after-resume": {n: a - b for n, a, b in zip(names, after, before, strict=True)},
         "peak-rss": peak_rss(),

@@ -5,6 +5,7 @@ apply page batches into guest memory, verify the memory digest, resume the guest
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -35,7 +36,9 @@ class IncomingResult:
     bytes: int = 0
     iterations: int = 0
     digest: int = 0
-    verify_time: float = 0.0
+    verify_time: float = 0.0  # from the last page to the comparison: both hashes, in parallel
+    digest_time: float = 0.0  # this side's hash
+    source_digest_time: float | None = None  # the source's, from its completion record
     vm: VM | None = None
 
 
@@ -232,6 +235,7 @@ class Incoming:
         # digest comes in the completion record), then compare.
         t0 = time.monotonic()
         digest = guest.digest()
+        self.result.digest_time = time.monotonic() - t0
         try:
             complete = _receive_complete(main)
         except (StreamError, IncomingError) as e:
@@ -239,6 +243,8 @@ class Incoming:
             raise
         self.result.verify_time = time.monotonic() - t0
         self.result.digest = digest
+        if isinstance(complete, dict):  # the source's hash time: reported, never relied on
+            self.result.source_digest_time = _seconds(complete.get("digest_time"))
         if not isinstance(complete, dict) or complete.get("digest") != digest:
             source = complete.get("digest") if isinstance(complete, dict) else None
             msg = f"memory digest mismatch: source {source}, destination {digest}"
@@ -259,13 +265,24 @@ class Incoming:
         return vm
 
 
+def _seconds(value: Any) -> float | None:
+    """A duration from the stream, or None if it is not a finite, non-negative number."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
 def _receive_complete(main: Any) -> Any:
     """The completion record (the source's digest), or the source's reason for failing."""
-    t, payload, stats = main.receive(None)
+    t, payload, _ = main.receive(None)
     name = REC_NAME.get(t, str(t))
     if name == "Error":
         raise IncomingError(f"source reported: {payload.decode(errors='replace')}")
-    if name != "Complete" or stats:
+    if name != "Complete":
         raise _native.ProtocolError(f"expected the completion record after the device state, got {name}")
     return channel.decode_json(name, payload)
 

@@ -27,7 +27,7 @@ WINDOW_S = 0.100  # QEMU's BUFFER_DELAY: rate-limit and bandwidth window
 STEP_S = 0.050  # longest send step before the loop re-checks (QEMU: 50 ms)
 DIRTY_RATE_PERIOD_S = 1.0  # dirty-pages-rate is computed over >= 1 s
 BATCH_PAGES = 512  # pages per batch record (2 MiB at 4 KiB)
-CHUNK_PAGES = 8 * BATCH_PAGES  # pages per channel per trip into Rust: fewer Python round trips
+CHUNK_BYTES = 16 << 20  # per channel per trip into Rust (fewer Python round trips), at most
 SCAN_PAGES = 1 << 16  # dirty-bitmap scan window
 RESUME_TIMEOUT_S = 60.0  # destination: verify digest and start its vCPUs
 
@@ -84,6 +84,8 @@ class Migration:
         self.threshold = 0.0  # bytes
         self.pages_per_second = 0.0
         self.verify_time: float | None = None
+        self.digest_time: float | None = None  # the source's own hash at switchover
+        self._committed = False  # the completion record went out: the destination decides
         self._window_start = 0.0
         self._window_bytes = 0
         self._window_pages = 0
@@ -117,11 +119,14 @@ class Migration:
         return self.status in ACTIVE_STATES
 
     def cancel(self, reason: str = "cancelled by migrate_cancel") -> None:
-        """Cancels an active migration: the source VM keeps (or resumes) running."""
-        if not self.active:
-            return
-        self._cancel_reason = reason
-        self._cancel.set()
+        """Cancels an active migration: the source VM keeps (or resumes) running. Once the
+        completion record has gone out it is too late, and the cancel is ignored: the
+        destination may already run the guest, and resuming here would run it twice."""
+        with self._lock:
+            if not self.active or self._committed:
+                return
+            self._cancel_reason = reason
+            self._cancel.set()
         for ch in self._all_channels():
             ch.shutdown()
 
@@ -267,10 +272,19 @@ class Migration:
                 if left > 0 and self._cancel.wait(left):
                     raise Cancelled
                 continue
-            limit = CHUNK_PAGES * len(self._channels)
+            limit = self._chunk_pages() * len(self._channels)
             if budget:
                 limit = min(limit, max(1, int((budget - self._window_bytes) // self.page_size) + 1))
             self._send(self._take_dirty(limit), precopy=True)
+
+    def _chunk_pages(self) -> int:
+        """Pages per channel for one trip into Rust: CHUNK_BYTES, but no more than a step's
+        worth at the measured bandwidth (one batch until it is measured), so a slow link
+        still ticks every window."""
+        if not self.bandwidth:
+            return BATCH_PAGES
+        step = int(self.bandwidth * STEP_S / len(self._channels))
+        return max(1, min(CHUNK_BYTES, step) // self.page_size)
 
     def _take_dirty(self, n: int) -> np.ndarray:
         """Up to n dirty pages from the cursor on (wrapping), cleared in the bitmap."""
@@ -381,7 +395,7 @@ class Migration:
         self.dirty_sync_count += 1
         while self._dirty_count > 0:
             self._check_cancel()
-            self._send(self._take_dirty(CHUNK_PAGES * len(self._channels)), precopy=False)
+            self._send(self._take_dirty(self._chunk_pages() * len(self._channels)), precopy=False)
         self._barrier()
         if self._channels != [self._main]:
             for ch in self._channels:
@@ -390,9 +404,15 @@ class Migration:
         self.vm.stop_dirty_log()
         # The vCPUs are stopped, so memory is final. Hashing only now leaves the cores to the
         # sender and receiver while pages move; the destination hashes its copy meanwhile.
-        digest = self.vm.guest.digest()
         self._check_cancel()
-        channel.send_json(self._main, "Complete", {"digest": digest, "transferred": self.transferred})
+        t0 = time.monotonic()
+        digest = self.vm.guest.digest()
+        self.digest_time = time.monotonic() - t0
+        with self._lock:  # the commit point: no cancel after this
+            self._check_cancel()
+            self._committed = True
+        complete = {"digest": digest, "transferred": self.transferred, "digest_time": self.digest_time}
+        channel.send_json(self._main, "Complete", complete)
         self._main.set_timeout(RESUME_TIMEOUT_S)
         _, payload = channel.expect(self._main, "Resumed")
         now = time.monotonic()
@@ -487,6 +507,7 @@ class Migration:
             "converged": self.converged,
             "policy-changes": self.policy_changes,
             "verify-time": None if self.verify_time is None else int(self.verify_time * 1000),
+            "digest-time": None if self.digest_time is None else int(self.digest_time * 1000),
             "samples": samples,
         }
 
