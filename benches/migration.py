@@ -7,11 +7,14 @@ process over loopback TCP, with no bandwidth cap (max-bandwidth 0).
   channel, over the raw loopback TCP throughput measured by this script between two
   processes (sendall of 4 MiB buffers / recv_into into one reused buffer). Transfer
   throughput = bytes transferred / (total-time - setup-time - verify-time): the time the
-  pages are moving, the stop-and-copy included. The destination runs with --mem-prealloc
+  pages are moving, the stop-and-copy included. verify-time is dqmig's own check, not part
+  of a QEMU migration: from the last page to the digest comparison, with source and
+  destination hashing at once (both digest times are reported beside it). The destination runs with --mem-prealloc
   (QEMU's -mem-prealloc), so its memory is faulted in during setup, as a QEMU destination's
   is before migration. Loopback speed on a shared host swings by +-30 % from one second to
   the next, so the script takes --rounds rounds, each a baseline then the migrations, and
-  divides the best migration by the best baseline; `ratios_1ch` lists each round's own.
+  divides the best migration by the best baseline; `ratios_1ch` lists each round's own,
+  `throughput_ratio_1ch_median` their median.
 * end_to_end_ratio_1ch: bytes transferred / total-time without --mem-prealloc, setup and
   digest verification included, over the same baseline. On a host where first touching
   memory is slow (here about 1 s per GiB) this is bounded by that cost, not by the stream.
@@ -29,6 +32,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,9 +91,9 @@ def migrate(memory: str, *extra: str) -> dict:
 
 def transfer_throughput(report: dict) -> float:
     """Bytes transferred over the time pages are moving: total-time minus setup and minus the
-    destination's digest verification. Not QEMU's active-phase mbps: with no bandwidth cap,
-    bandwidth x downtime-limit is hundreds of MB, so most of an idle guest goes out in the
-    stop-and-copy, which this counts."""
+    digest verification (both sides hashing once the last page is in). Not QEMU's
+    active-phase mbps: with no bandwidth cap, bandwidth x downtime-limit is hundreds of MB,
+    so most of an idle guest goes out in the stop-and-copy, which this counts."""
     r = report["migration"]["result"]
     busy_ms = r["total-time"] - r["setup-time"] - report["destination"]["verify-time-ms"]
     return r["ram"]["transferred"] / (busy_ms / 1000)
@@ -106,6 +110,8 @@ def main() -> int:
     parser.add_argument("--memory", default="2G", help="guest size (default 2G)")
     parser.add_argument("--rounds", type=int, default=3, help="baseline + migration rounds (default 3)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     size = int(args.memory[:-1]) * GiB if args.memory.endswith("G") else int(args.memory)
     pages = size // 4096
     fill = ["--workload", "stress", "--program", f"stress:steps={pages}"]  # one pass: every page non-zero
@@ -128,12 +134,14 @@ def main() -> int:
     zero_result = zero["migration"]["result"]
 
     one_result = one["migration"]["result"]
+    ratios = [round(transfer_throughput(o) / b, 3) for o, b in zip(ones, raws, strict=True)]
     out = {
         "raw_loopback_MBps": round(raw / 1e6, 1),
         "migration_MBps_1ch": round(transfer_throughput(one) / 1e6, 1),
         "migration_MBps_multifd": round(transfer_throughput(multi) / 1e6, 1),
         "throughput_ratio_1ch": round(transfer_throughput(one) / raw, 3),
-        "ratios_1ch": [round(transfer_throughput(o) / b, 3) for o, b in zip(ones, raws, strict=True)],
+        "ratios_1ch": ratios,
+        "throughput_ratio_1ch_median": round(statistics.median(ratios), 3),
         "raw_loopback_MBps_rounds": [round(b / 1e6, 1) for b in raws],
         "end_to_end_ratio_1ch": round(end_to_end_throughput(e2e) / raw, 3),
         "throughput_ratio_multifd": round(transfer_throughput(multi) / raw, 3),
@@ -144,6 +152,8 @@ def main() -> int:
         "setup_time_ms_1ch": one_result["setup-time"],
         "downtime_ms_1ch": one_result["downtime"],
         "verify_time_ms_1ch": one["destination"]["verify-time-ms"],
+        "source_digest_ms_1ch": one["destination"]["source-digest-time-ms"],
+        "destination_digest_ms_1ch": one["destination"]["digest-time-ms"],
         "total_time_ms_1ch_no_prealloc": e2e["migration"]["result"]["total-time"],
         "guest_bytes": size,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
