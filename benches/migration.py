@@ -143,6 +143,7 @@ def main() -> int:
         "ratios_1ch": ratios,
         "throughput_ratio_1ch_median": round(statistics.median(ratios), 3),
         "raw_loopback_MBps_rounds": [round(b / 1e6, 1) for b in raws],
+        "migration_MBps_1ch_rounds": [round(transfer_throughput(o) / 1e6, 1) for o in ones],
         "end_to_end_ratio_1ch": round(end_to_end_throughput(e2e) / raw, 3),
         "throughput_ratio_multifd": round(transfer_throughput(multi) / raw, 3),
         "zero_guest_ratio": round(zero_result["ram"]["total"] / (zero_result["total-time"] / 1000) / raw, 3),
