@@ -64,7 +64,9 @@ def migrate(policy: str) -> dict:
         before, t0 = vm.vcpus[1].progress, time.monotonic()
         m.start()
         assert m.wait(POLICY_CAP_S + 30) in ("completed", "cancelled", "failed")
-        during = (vm.vcpus[1].progress - before) / (time.monotonic() - t0)
+        # The reader ran until the switchover stopped it (or until now, if the source kept it).
+        end = m.t_stop if m.status == "completed" and m.t_stop is not None else time.monotonic()
+        during = (vm.vcpus[1].progress - before) / (end - t0)
         dest.join(30)
         if "r" in received:
             received["r"].vm.stop()
