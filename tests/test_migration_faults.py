@@ -476,19 +476,29 @@ def test_cancel_while_active(multifd, start_destination, wait_until):
         assert_source_intact(vm, wait_until)
 
 
+def hold_after_first_call(vm: VM, method: str) -> tuple[threading.Event, threading.Event]:
+    """Makes the first call of `vm.<method>` run and then hold until released, to cancel at
+    a moment that otherwise lasts milliseconds. Returns (reached, release); `del vm.<method>`
+    restores the method."""
+    original = getattr(vm, method)
+    reached, release = threading.Event(), threading.Event()
+
+    def run_and_hold(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if not reached.is_set():
+            reached.set()
+            release.wait(10)
+        return result
+
+    setattr(vm, method, run_and_hold)
+    return reached, release
+
+
 def test_cancel_during_device_phase(start_destination, wait_until):
     """The device phase (vCPUs stopped, last pages going out) lasts milliseconds; a hook on
     the source VM's pause holds it until the test has cancelled."""
     with start_destination() as rx, VM(fault_config(dma=True)) as vm:
-        pause = vm.pause
-        stopped, cancelled = threading.Event(), threading.Event()
-
-        def pause_and_hold(*args, **kwargs):
-            pause(*args, **kwargs)
-            stopped.set()
-            cancelled.wait(10)
-
-        vm.pause = pause_and_hold
+        stopped, cancelled = hold_after_first_call(vm, "pause")
         time.sleep(0.05)
         m = Migration(vm, rx.uri, params()).start()
         assert stopped.wait(END_S), "the migration never reached stop-and-copy"
@@ -507,16 +517,7 @@ def test_cancel_while_the_source_hashes(start_destination, wait_until):
     """Between the device state and the completion record the source hashes its memory; a
     cancel then still wins: no completion record goes out, the destination gives up."""
     with start_destination() as rx, VM(fault_config()) as vm:
-        stop_log = vm.stop_dirty_log
-        hashing, cancelled = threading.Event(), threading.Event()
-
-        def stop_log_and_hold() -> None:  # called just before the source's digest
-            stop_log()
-            if not hashing.is_set():
-                hashing.set()
-                cancelled.wait(10)
-
-        vm.stop_dirty_log = stop_log_and_hold
+        hashing, cancelled = hold_after_first_call(vm, "stop_dirty_log")  # just before the digest
         time.sleep(0.05)
         m = Migration(vm, rx.uri, params()).start()
         assert hashing.wait(END_S), "the migration never reached its digest"
