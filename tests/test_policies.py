@@ -3,6 +3,7 @@ live control through QMP (capability toggle mid-migration, the dirty-limit comma
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -38,7 +39,7 @@ def dma_writer() -> ProgramSpec:
     return ProgramSpec("uniform", rate=16384, seed=9)
 
 
-def run_migration(cfg: VmConfig, params: MigrationParameters, during=None) -> Migration:
+def run_migration(cfg: VmConfig, params: MigrationParameters, during=None, before=None) -> Migration:
     incoming = Incoming("tcp:127.0.0.1:0", accept_timeout=30, io_timeout=30)
     received: dict = {}
 
@@ -50,7 +51,10 @@ def run_migration(cfg: VmConfig, params: MigrationParameters, during=None) -> Mi
 
     dest = threading.Thread(target=receive, daemon=True)
     dest.start()
-    vm = VM(cfg).start()
+    vm = VM(cfg)
+    if before:
+        before(vm)
+    vm.start()
     try:
         time.sleep(0.3)
         m = Migration(vm, incoming.address, params).start()
@@ -73,11 +77,59 @@ def params(policy: str, cap_s: float, **extra: object) -> MigrationParameters:
     return p
 
 
+def dma_pages_per_s(cfg: VmConfig, seconds: float = 0.5) -> float:
+    """The DMA writer's achieved rate (steps/s) on this host, in the full guest beside its
+    vCPUs: what the host gives it, not what its spec asks for."""
+    vm = VM(cfg).start()
+    try:
+        time.sleep(0.1)  # threads up
+        t0, p0 = time.monotonic(), vm.counters()[-1]["progress"]
+        time.sleep(seconds)
+        return (vm.counters()[-1]["progress"] - p0) / (time.monotonic() - t0)
+    finally:
+        vm.stop()
+
+
+def distinct_pages(rate: float, pages: int, seconds: float) -> float:
+    """Expected distinct pages hit by `rate` uniform random writes per second over `pages`."""
+    return pages * (1 - math.exp(-rate * seconds / pages))
+
+
+def fill_memory(vm: VM) -> None:
+    """Makes every page non-zero, so the bulk pass sends the whole guest."""
+    page = bytes([0xA5]) * vm.guest.page_size
+    for p in range(vm.guest.pages):
+        vm.guest.write_page(p, page)
+
+
+def dma_rate_during(m: Migration) -> float:
+    """The DMA writer's steps/s over the migration, from its samples."""
+    first, last = m.samples[0], m.samples[-1]
+    return (last["vcpus"][-1]["progress"] - first["vcpus"][-1]["progress"]) / (last["t"] - first["t"])
+
+
 def test_dma_heavy_guest_converges_only_with_dma_throttling():
+    # The premise, by construction rather than by host speed: pre-copy without DMA
+    # throttling never converges when the pages the DMA writer dirties in one downtime-limit
+    # (300 ms) take longer than that to send. So the bandwidth is sized from the rate this
+    # host actually gives the DMA writer, with a margin of 3, and every page starts non-zero
+    # so the bulk pass lasts seconds (a mostly-zero guest finishes it before the DMA writer
+    # has dirtied enough, and then converges: the fresh-clone failure this replaces).
     cfg = lambda: config(writer(1000), dma_writer())  # noqa: E731
-    off = run_migration(cfg(), params("dirty-quota", 8, x_dirty_quota_dma=False, x_dirty_quota_fallback=False))
-    assert off.status == "cancelled" and off.converged is False, off.error_desc
-    on = run_migration(cfg(), params("dirty-quota", 60, x_dirty_quota_dma=True))
+    rate = dma_pages_per_s(cfg())
+    pages = MEMORY // 4096
+    per_downtime = distinct_pages(rate, pages, 0.3) * 4096
+    bandwidth = min(BANDWIDTH, int(per_downtime / 0.3 / 3))
+    assert bandwidth >= 4 * MiB, f"the DMA writer ran at {rate:.0f} steps/s: too slow a host for this test"
+    off_params = params("dirty-quota", 8, x_dirty_quota_dma=False, x_dirty_quota_fallback=False)
+    off_params.max_bandwidth = bandwidth
+    off = run_migration(cfg(), off_params, before=fill_memory)
+    assert off.status == "cancelled" and off.converged is False, (off.error_desc, rate, bandwidth)
+    achieved = dma_rate_during(off)
+    assert achieved > rate / 3, f"premise: the DMA writer kept {achieved:.0f} of {rate:.0f} steps/s"
+    on_params = params("dirty-quota", 60, x_dirty_quota_dma=True)
+    on_params.max_bandwidth = bandwidth
+    on = run_migration(cfg(), on_params, before=fill_memory)
     assert on.status == "completed", on.error_desc
     dma_exits = [s["quota-exits"][-1] for s in on.samples if "quota-exits" in s]
     assert sum(dma_exits) > 0, "the DMA writer drew quota from the budget"
