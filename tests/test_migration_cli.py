@@ -96,3 +96,56 @@ def test_incoming_gives_up_when_nothing_arrives():
     assert "listening on tcp:127.0.0.1:" in p.stdout
     assert "no migration arrived" in p.stderr and "in time" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def _qmp(path: str, timeout: float = 10.0):
+    """A minimal QMP client over a unix socket: returns a function command -> reply."""
+    import os
+    import time
+
+    end = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < end, f"no QMP socket at {path}"
+        time.sleep(0.05)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(timeout)
+    sock.connect(path)
+    reader = sock.makefile("rb")
+    json.loads(reader.readline())  # greeting
+
+    def cmd(command: str, **arguments) -> dict:
+        sock.sendall(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n")
+        return json.loads(reader.readline())
+
+    assert cmd("qmp_capabilities") == {"return": {}}
+    return cmd
+
+
+def test_qmp_migrate_retried_after_a_failure_reports_the_last_attempt(tmp_path):
+    import time
+
+    sock, report_path = str(tmp_path / "q.sock"), tmp_path / "r.json"
+    args = [sys.executable, "-m", "dqmig", "migrate", *SMALL, "--qmp", f"unix:{sock}", "--defer"]
+    proc = subprocess.Popen([*args, "--report", str(report_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stdout.readline() + proc.stdout.readline()  # type: ignore[union-attr]
+        dest = banner.rsplit("(destination ", 1)[1].split(")")[0]
+        cmd = _qmp(sock)
+        nothing = free_port_uri()
+        assert cmd("migrate", uri=nothing) == {"return": {}}
+        end = time.monotonic() + 10
+        while cmd("query-migrate")["return"]["status"] != "failed":
+            assert time.monotonic() < end, "the first attempt did not fail"
+            time.sleep(0.05)
+        assert cmd("migrate", uri=dest) == {"return": {}}
+        out, _ = proc.communicate(timeout=RUN_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    lines = out.strip().splitlines()
+    assert lines[-1] == "completed"
+    assert any(line.startswith(f"attempt 1 of 2: failed: cannot connect to {nothing}") for line in lines), out
+    report = json.loads(report_path.read_text())
+    assert report["migration"]["result"]["status"] == "completed"
+    assert report["migration"]["uri"] == dest
+    assert [(a["attempt"], a["status"]) for a in report["attempts"]] == [(1, "failed")]

@@ -279,10 +279,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                     time.sleep(0.1)
             else:
                 monitor.migrate({"uri": uri})
-            migration = monitor.migration
-            assert migration is not None
-            _show_progress(migration)
-            migration.wait()
+            migration = _follow_attempts(monitor, args.qmp_linger if qmp else 0.0)
             dest_report = dest.finish() if dest else None
             if dest and dest.error and migration.status == "completed":
                 print(f"destination failed: {dest.error}", file=sys.stderr)  # else the source said why
@@ -291,7 +288,32 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             qmp.close()
         if dest:
             dest.kill()
-    return _finish_migrate(args, vm, migration, dest_report)
+    return _finish_migrate(args, vm, migration, dest_report, monitor.attempts[:-1])
+
+
+def _follow_attempts(monitor: Monitor, linger: float) -> Migration:
+    """Shows each migration attempt's progress until the latest has ended and no new QMP
+    `migrate` came within `linger` seconds (QEMU's source stays up after a failure, to be
+    retried); returns the last attempt. Then no further `migrate` is accepted."""
+    shown: Migration | None = None
+    while True:
+        migration = monitor.migration
+        assert migration is not None
+        if migration is not shown:
+            if shown is not None:
+                print(f"\nattempt {len(monitor.attempts) - 1} {_outcome(shown.query())}; following the next")
+            _show_progress(migration)
+            migration.wait()
+            shown = migration
+        end = time.monotonic() + (0.0 if monitor.closing else linger)
+        while monitor.migration is shown and time.monotonic() < end:
+            time.sleep(0.05)
+        if monitor.close_migrations() is shown:
+            return shown
+
+
+def _outcome(q: dict) -> str:
+    return q["status"] if q["status"] == "completed" else f"{q['status']}: {q.get('error-desc', 'unknown reason')}"
 
 
 def _show_progress(migration: Migration) -> None:
@@ -303,8 +325,14 @@ def _show_progress(migration: Migration) -> None:
     progress.close()
 
 
-def _finish_migrate(args: argparse.Namespace, vm: VM, m: Migration, dest_report: dict | None) -> int:
+def _finish_migrate(
+    args: argparse.Namespace, vm: VM, m: Migration, dest_report: dict | None, earlier: Sequence[Migration] = ()
+) -> int:
+    """The final lines and the report: both describe the last attempt; earlier ones (QMP
+    `migrate` retried after a failure) are listed in the report's `attempts`."""
     q = m.query()
+    for i, e in enumerate(earlier, 1):
+        print(f"attempt {i} of {len(earlier) + 1}: {_outcome(e.query())}")
     ram = q.get("ram", {})
     print(
         f"\nstatus {q['status']}: total {q.get('total-time', 0)} ms, downtime {q.get('downtime', '-')} ms, "
@@ -323,6 +351,7 @@ def _finish_migrate(args: argparse.Namespace, vm: VM, m: Migration, dest_report:
         "vm": _config_dict(vm.config),
         "vcpu-classes": vm.vcpu_classes(),
         "migration": m.report(),
+        "attempts": [{"attempt": i, **e.query()} for i, e in enumerate(earlier, 1)],
         "destination": dest_report,
         "peak-rss": peak_rss(),
     }
@@ -332,7 +361,7 @@ def _finish_migrate(args: argparse.Namespace, vm: VM, m: Migration, dest_report:
     if q["status"] == "completed":
         print("completed")
         return 0
-    print(f"{q['status']}: {q.get('error-desc', 'unknown reason')}")
+    print(_outcome(q))
     return 3 if m.converged is False else 1
 
 
@@ -460,6 +489,14 @@ def _add_migrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mem-prealloc", action="store_true", help="the local destination preallocates its memory")
     p.add_argument("--qmp", metavar="unix:PATH", help="serve a QMP control socket")
     p.add_argument("--defer", action="store_true", help="wait for a QMP 'migrate' command instead of starting")
+    p.add_argument(
+        "--qmp-linger",
+        type=_non_negative(float),
+        default=2.0,
+        metavar="S",
+        help="with --qmp: keep serving S s after a migration ends; a QMP 'migrate' then is followed as "
+        "the next attempt (default 2)",
+    )
     p.set_defaults(func=cmd_migrate)
 
 

@@ -6,6 +6,7 @@ QmpError, which the server turns into `{"error": {"class": ..., "desc": ...}}`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,10 @@ class Monitor:
     def __init__(self, vm: VM, params: MigrationParameters | None = None) -> None:
         self.vm = vm
         self.params = params or MigrationParameters()
-        self.migration: Migration | None = None
+        self.migration: Migration | None = None  # the latest attempt
+        self.attempts: list[Migration] = []  # every `migrate`, oldest first
+        self.closing = False  # the process is ending: no new migration
+        self._migrate_lock = threading.Lock()
         self.on_migrate: Callable[[Migration], None] | None = None  # e.g. the CLI's display
         self.commands: dict[str, Callable[[dict[str, Any]], Any]] = {
             "qmp_capabilities": lambda a: {},
@@ -118,21 +122,31 @@ class Monitor:
 
     def migrate(self, args: dict[str, Any]) -> dict[str, Any]:
         uri = _arg(args, "uri", str)
-        if self.migrating:
-            raise QmpError("There's a migration process in progress")
-        if self.migration is not None and self.migration.status == "completed":
-            raise QmpError("The guest has already migrated")
-        try:
-            from dqmig.migration.channel import parse_uri
+        with self._migrate_lock:
+            if self.migrating:
+                raise QmpError("There's a migration process in progress")
+            if self.migration is not None and self.migration.status == "completed":
+                raise QmpError("The guest has already migrated")
+            if self.closing:
+                raise QmpError("dqmig is shutting down: no new migration")
+            try:
+                from dqmig.migration.channel import parse_uri
 
-            parse_uri(uri)
-        except ValueError as e:
-            raise QmpError(str(e)) from None
-        self.migration = Migration(self.vm, uri, self.params)
-        if self.on_migrate:
-            self.on_migrate(self.migration)
-        self.migration.start()
+                parse_uri(uri)
+            except ValueError as e:
+                raise QmpError(str(e)) from None
+            self.migration = Migration(self.vm, uri, self.params)
+            self.attempts.append(self.migration)
+            if self.on_migrate:
+                self.on_migrate(self.migration)
+            self.migration.start()
         return {}
+
+    def close_migrations(self) -> Migration | None:
+        """Refuses every later `migrate`; returns the last attempt, which can no longer change."""
+        with self._migrate_lock:
+            self.closing = True
+            return self.migration
 
     def query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.migration.query() if self.migration else {}
