@@ -108,25 +108,34 @@ def dma_rate_during(m: Migration) -> float:
     return (last["vcpus"][-1]["progress"] - first["vcpus"][-1]["progress"]) / (last["t"] - first["t"])
 
 
-def test_dma_heavy_guest_converges_only_with_dma_throttling():
-    # The premise, by construction rather than by host speed: pre-copy without DMA
-    # throttling never converges when the pages the DMA writer dirties in one downtime-limit
-    # (300 ms) take longer than that to send. So the bandwidth is sized from the rate this
-    # host actually gives the DMA writer, with a margin of 3, and every page starts non-zero
-    # so the bulk pass lasts seconds (a mostly-zero guest finishes it before the DMA writer
-    # has dirtied enough, and then converges: the fresh-clone failure this replaces).
-    cfg = lambda: config(writer(1000), dma_writer())  # noqa: E731
-    rate = dma_pages_per_s(cfg())
-    pages = MEMORY // 4096
-    per_downtime = distinct_pages(rate, pages, 0.3) * 4096
+def dma_bound_bandwidth(cfg: VmConfig) -> int:
+    """A bandwidth at which the DMA writer alone keeps pre-copy from converging: the pages it
+    dirties in one downtime-limit (300 ms) take three times that to send. Sized from the rate
+    this host actually gives the DMA writer, so the premise does not hang on host speed."""
+    rate = dma_pages_per_s(cfg)
+    per_downtime = distinct_pages(rate, MEMORY // 4096, 0.3) * 4096
     bandwidth = min(BANDWIDTH, int(per_downtime / 0.3 / 3))
     assert bandwidth >= 4 * MiB, f"the DMA writer ran at {rate:.0f} steps/s: too slow a host for this test"
+    return bandwidth
+
+
+def assert_dma_kept_its_pace(m: Migration, cfg: VmConfig) -> None:
+    expected = dma_pages_per_s(cfg, 0.3)
+    achieved = dma_rate_during(m)
+    assert achieved > expected / 3, f"premise: the DMA writer kept {achieved:.0f} of {expected:.0f} steps/s"
+
+
+def test_dma_heavy_guest_converges_only_with_dma_throttling():
+    # Every page starts non-zero, so the bulk pass lasts seconds: a mostly-zero guest
+    # finishes it before the DMA writer has dirtied enough, and then converges (the
+    # fresh-clone failure this replaces).
+    cfg = lambda: config(writer(1000), dma_writer())  # noqa: E731
+    bandwidth = dma_bound_bandwidth(cfg())
     off_params = params("dirty-quota", 8, x_dirty_quota_dma=False, x_dirty_quota_fallback=False)
     off_params.max_bandwidth = bandwidth
     off = run_migration(cfg(), off_params, before=fill_memory)
-    assert off.status == "cancelled" and off.converged is False, (off.error_desc, rate, bandwidth)
-    achieved = dma_rate_during(off)
-    assert achieved > rate / 3, f"premise: the DMA writer kept {achieved:.0f} of {rate:.0f} steps/s"
+    assert off.status == "cancelled" and off.converged is False, (off.error_desc, bandwidth)
+    assert_dma_kept_its_pace(off, cfg())
     on_params = params("dirty-quota", 60, x_dirty_quota_dma=True)
     on_params.max_bandwidth = bandwidth
     on = run_migration(cfg(), on_params, before=fill_memory)
@@ -138,7 +147,10 @@ def test_dma_heavy_guest_converges_only_with_dma_throttling():
 def test_over_throttling_falls_back_to_auto_converge():
     # A flat-out vCPU writer sleeps most of every interval, yet the DMA writer the quota
     # cannot see keeps the bytes left from shrinking: dirty quota gives up to auto-converge.
-    m = run_migration(config(writer(0), dma_writer()), params("dirty-quota", 20, x_dirty_quota_dma=False))
+    cfg = lambda: config(writer(0), dma_writer())  # noqa: E731
+    p = params("dirty-quota", 20, x_dirty_quota_dma=False)
+    p.max_bandwidth = dma_bound_bandwidth(cfg())
+    m = run_migration(cfg(), p, before=fill_memory)
     changes = [c["policy"] for c in m.policy_changes]
     assert changes[:2] == ["dirty-quota", "auto-converge"], m.policy_changes
     assert "over-throttling" in m.policy_changes[1]["reason"]

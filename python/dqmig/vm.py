@@ -298,6 +298,14 @@ class VM:
             out.append(c)
         return out
 
+    def cpu_time(self, slot: int) -> float:
+        """CPU seconds the host has given writer `slot`'s thread (its thread CPU clock):
+        with the throttle sleeps, it tells a policy's slowdown from a busy host's."""
+        ident = self._threads[slot].ident
+        if ident is None:
+            raise VmError(f"{self.writer_names()[slot]} has not started")
+        return time.clock_gettime(time.pthread_getcpuclockid(ident))
+
     def memory_view(self):  # -> numpy.ndarray
         """A read-only numpy view of guest memory, one row per page."""
         import numpy as np
