@@ -335,7 +335,8 @@ def _finish_migrate(
         print(f"attempt {i} of {len(earlier) + 1}: {_outcome(e.query())}")
     ram = q.get("ram", {})
     print(
-        f"\nstatus {q['status']}: total {q.get('total-time', 0)} ms, downtime {q.get('downtime', '-')} ms, "
+        f"\nstatus {q['status']}: total {q.get('total-time', 0)} ms, downtime {q.get('downtime', '-')} ms "
+        f"(x-blackout-time {q.get('x-blackout-time', '-')} ms), "
         f"setup {q.get('setup-time', 0)} ms, {ram.get('dirty-sync-count', 0)} iterations, "
         f"transferred {format_size(ram.get('transferred', 0))} "
         f"({ram.get('normal', 0)} normal, {ram.get('duplicate', 0)} zero pages)"

@@ -125,7 +125,8 @@ def _result(
         "converged": bool(m.converged),
         "error": m.error_desc,
         "total-time": q.get("total-time"),
-        "downtime": q.get("downtime"),
+        "downtime": q.get("downtime"),  # QEMU's: stop to the last byte sent
+        "x-blackout-time": q.get("x-blackout-time"),  # stop to the guest running on the destination
         "setup-time": q.get("setup-time"),
         "transferred": ram.get("transferred", 0),
         "iterations": ram.get("dirty-sync-count", 0),

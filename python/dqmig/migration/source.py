@@ -71,7 +71,9 @@ class Migration:
         self.t_start = 0.0
         self.setup_time = 0.0
         self.total_time = 0.0
-        self.downtime: float | None = None
+        self.downtime: float | None = None  # QEMU's: stop to the last byte of device state sent
+        self.blackout_time: float | None = None  # dqmig's x-blackout-time: stop to the guest running there
+        self._sent_all_t: float | None = None
         self.t_stop: float | None = None
         self.transferred = 0
         self.duplicate = 0
@@ -401,6 +403,9 @@ class Migration:
             for ch in self._channels:
                 ch.send_record(REC["End"], b"")
         channel.send_json(self._main, "DeviceState", self._device_state())
+        # QEMU's downtime ends here (migration_completion_end): everything is sent. What
+        # follows is dqmig's own digest check and the resume round trip (x-blackout-time).
+        self._sent_all_t = time.monotonic()
         self.vm.stop_dirty_log()
         # The vCPUs are stopped, so memory is final. Hashing only now leaves the cores to the
         # sender and receiver while pages move; the destination hashes its copy meanwhile.
@@ -416,7 +421,8 @@ class Migration:
         self._main.set_timeout(RESUME_TIMEOUT_S)
         _, payload = channel.expect(self._main, "Resumed")
         now = time.monotonic()
-        self.downtime = now - self.t_stop
+        self.downtime = self._sent_all_t - self.t_stop
+        self.blackout_time = now - self.t_stop
         info = channel.decode_json("Resumed", payload)
         self.verify_time = info.get("verify_time") if isinstance(info, dict) else None
         self.converged = True
@@ -444,8 +450,9 @@ class Migration:
         total = (now - self.t_start) if self.active else self.total_time
         out["total-time"] = int(total * 1000)
         out["setup-time"] = int(self.setup_time * 1000)
-        if self.downtime is not None:
+        if self.downtime is not None and self.blackout_time is not None:
             out["downtime"] = int(self.downtime * 1000)
+            out["x-blackout-time"] = int(self.blackout_time * 1000)
         elif self.bandwidth:
             out["expected-downtime"] = int(self.remaining / self.bandwidth * 1000)
         with self._lock:
