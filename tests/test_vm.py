@@ -288,14 +288,39 @@ CALC = 0.2
 
 def test_dirty_rate_modes_on_a_writer_workload():
     with VM(VmConfig.with_workload("uniform", vcpus=2, memory=MEMORY)) as vm:
-        r = dirtyrate.page_sampling(vm, CALC, pages_per_gib=4096)
+        r = dirtyrate.page_sampling(vm, CALC, pages_per_gib=4096, min_block=0)
         assert r.mode == "page-sampling" and r.sampled_pages == 64 and r.dirty_rate > 0
         assert not vm.guest.dirty_logging
         r = dirtyrate.dirty_bitmap(vm, CALC)
         assert r.mode == "dirty-bitmap" and r.dirty_rate > 0
         assert not vm.guest.dirty_logging, "logging is restored to off"
-        with pytest.raises(ValueError, match="dirty ring"):
+        with pytest.raises(dirtyrate.Unavailable, match="dirty ring"):
             dirtyrate.dirty_ring(vm, CALC)
+
+
+def test_page_sampling_skips_a_guest_under_128_mib():
+    """QEMU's dirtyrate.c skip_sample_ramblock: RAM blocks under MIN_RAMBLOCK_SIZE (128 MiB)
+    are not sampled, so a small guest measures nothing; dqmig says so."""
+    with VM(VmConfig.with_workload("uniform", vcpus=1, memory=MEMORY)) as vm:
+        r = dirtyrate.page_sampling(vm, CALC)
+    assert (r.dirty_rate, r.sampled_pages) == (0, 0)
+    assert "QEMU skips RAM blocks under 128 MiB" in r.note
+
+
+def test_dirty_bitmap_mode_is_refused_with_the_ring_or_a_migration_log():
+    """QEMU's qmp_calc_dirty_rate refuses dirty-bitmap mode when the KVM dirty ring is on;
+    and it never consumes the migration's dirty log: with logging on (a migration's),
+    dqmig refuses it rather than harvest pages the migration has yet to send."""
+    with VM(VmConfig(vcpus=1, memory=MEMORY, dirty_ring=256)) as vm:
+        with pytest.raises(dirtyrate.Unavailable, match="refused with the dirty ring on"):
+            dirtyrate.dirty_bitmap(vm, CALC)
+    vm = VM(VmConfig(vcpus=1, memory=MEMORY, programs=[ProgramSpec("sequential", steps=100)]))
+    vm.start_dirty_log()
+    with vm:
+        wait_until(lambda: vm.done[0], what="the writer to finish")
+        with pytest.raises(dirtyrate.Unavailable, match="owns the dirty log"):
+            dirtyrate.dirty_bitmap(vm, CALC)
+        assert len(vm.guest.harvest()) == 100, "the migration's dirty pages are still there"
 
 
 def test_dirty_ring_mode_on_a_writer_workload():
@@ -309,10 +334,22 @@ def test_dirty_ring_mode_on_a_writer_workload():
         assert vm.guest.dirty_logging, "logging that was on stays on"
 
 
+def test_dirty_ring_mode_leaves_a_migration_log_alone():
+    """The dirty log a migration started is the migration's: dirty-ring mode counts ring
+    pushes without clearing the pages the migration has yet to send."""
+    vm = VM(VmConfig(vcpus=1, memory=MEMORY, dirty_ring=4096, programs=[ProgramSpec("sequential", steps=100)]))
+    vm.start_dirty_log()
+    with vm:
+        wait_until(lambda: vm.done[0], what="the writer to finish")
+        assert dirtyrate.dirty_ring(vm, CALC).dirty_rate == 0, "it finished before the measurement"
+        assert len(vm.guest.harvest()) == 100
+
+
 def test_dirty_rate_modes_on_an_idle_guest():
-    with VM(VmConfig(vcpus=2, memory=MEMORY, dirty_ring=256)) as vm:
-        assert dirtyrate.page_sampling(vm, CALC).dirty_rate == 0
+    with VM(VmConfig(vcpus=2, memory=MEMORY)) as vm:
+        assert dirtyrate.page_sampling(vm, CALC, min_block=0).dirty_rate == 0
         assert dirtyrate.dirty_bitmap(vm, CALC).dirty_rate == 0
+    with VM(VmConfig(vcpus=2, memory=MEMORY, dirty_ring=256)) as vm:
         r = dirtyrate.dirty_ring(vm, CALC)
         assert r.dirty_rate == 0 and r.vcpu_dirty_rate == [0, 0]
 

@@ -138,6 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _wait_with_progress(args.seconds)
         sampler.pause_clearing()
         samples = sampler.stop()
+        vm.stop_dirty_log()  # calc-dirty-rate starts its own, as QEMU's does
         rates = _calc_dirty_rates(vm, args.calc_time)
     _print_run_table(vm, samples)
     _print_dirty_rates(rates)
@@ -145,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         report = {
             "config": _config_dict(config),
             "samples": [s.as_dict() for s in samples],
-            "calc_dirty_rate": [r.__dict__ for r in rates.values() if r is not None],
+            "calc_dirty_rate": [r.__dict__ for r in rates.values() if not isinstance(r, str)],
             "counters": vm.counters(),
         }
         with open(args.json, "w") as f:
@@ -165,13 +166,14 @@ def _wait_with_progress(seconds: float) -> None:
         print("\r" + " " * 30 + "\r", end="", file=sys.stderr)
 
 
-def _calc_dirty_rates(vm: VM, calc_time: float) -> dict[str, dirtyrate.DirtyRate | None]:
-    out: dict[str, dirtyrate.DirtyRate | None] = {}
+def _calc_dirty_rates(vm: VM, calc_time: float) -> dict[str, dirtyrate.DirtyRate | str]:
+    """Each mode's rate, or the reason QEMU would refuse that mode here."""
+    out: dict[str, dirtyrate.DirtyRate | str] = {}
     for mode, measure in dirtyrate.MODES.items():
-        if mode == "dirty-ring" and not vm.guest.dirty_ring:
-            out[mode] = None
-            continue
-        out[mode] = measure(vm, calc_time)
+        try:
+            out[mode] = measure(vm, calc_time)
+        except dirtyrate.Unavailable as e:
+            out[mode] = str(e)
     return out
 
 
@@ -203,14 +205,16 @@ def _print_run_table(vm: VM, samples) -> None:
     )
 
 
-def _print_dirty_rates(rates: dict[str, dirtyrate.DirtyRate | None]) -> None:
+def _print_dirty_rates(rates: dict[str, dirtyrate.DirtyRate | str]) -> None:
     print("\ncalc-dirty-rate:")
     for mode, r in rates.items():
-        if r is None:
-            print(f"  {mode:<14} unavailable (dirty ring off: --dirty-ring 0)")
+        if isinstance(r, str):
+            print(f"  {mode:<14} unavailable: {r}")
             continue
         extra = ""
-        if r.vcpu_dirty_rate:
+        if r.note:
+            extra = f"  ({r.note})"
+        elif r.vcpu_dirty_rate:
             extra = "  per vCPU " + ", ".join(f"{x}" for x in r.vcpu_dirty_rate) + " MB/s"
         elif r.sampled_pages:
             extra = f"  ({r.sampled_pages} pages sampled)"

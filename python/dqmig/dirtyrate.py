@@ -2,9 +2,13 @@
 
 * page-sampling: hash 512 random pages per GiB, wait, hash again; the share that changed
   scales to the whole guest. Needs no dirty logging, and misses pages rewritten with the
-  same bytes and repeated writes to one page.
-* dirty-bitmap: clear the dirty log, wait, count the dirty pages.
-* dirty-ring: per-vCPU pages pushed to each dirty ring over the period (ring mode only).
+  same bytes and repeated writes to one page. As QEMU (skip_sample_ramblock), a RAM block
+  under 128 MiB is not sampled: a smaller guest gets rate 0 and a note saying so.
+* dirty-bitmap: clear the dirty log, wait, count the dirty pages. Refused with the dirty ring
+  on (as QEMU refuses it), and while a migration owns the dirty log: counting would take
+  the migration's pages.
+* dirty-ring: per-vCPU pages pushed to each dirty ring over the period (ring mode only),
+  reaped once a second as QEMU's reaper thread does.
 All rates are in MB/s (MiB/s, as QEMU's dirty-rate), integer-truncated like QEMU's.
 """
 
@@ -18,7 +22,12 @@ from dqmig.units import GiB, MiB
 from dqmig.vm import VM
 
 SAMPLE_PAGES_PER_GIB = 512
-REAP_PERIOD_S = 0.1
+MIN_RAMBLOCK_SIZE = 128 * MiB  # QEMU's dirtyrate.c: smaller RAM blocks are skipped
+REAP_PERIOD_S = 1.0  # kvm_dirty_ring_reaper_thread: one reap a second
+
+
+class Unavailable(ValueError):
+    """A mode QEMU refuses for this guest; the message says why."""
 
 
 @dataclass
@@ -28,12 +37,20 @@ class DirtyRate:
     dirty_rate: int  # MB/s for the whole VM
     vcpu_dirty_rate: list[int] = field(default_factory=list)  # dirty-ring mode only
     sampled_pages: int = 0  # page-sampling mode only
+    note: str = ""  # why nothing was measured, when that is so
 
 
 def page_sampling(
-    vm: VM, calc_time: float = 1.0, seed: int = 0, pages_per_gib: int = SAMPLE_PAGES_PER_GIB
+    vm: VM,
+    calc_time: float = 1.0,
+    seed: int = 0,
+    pages_per_gib: int = SAMPLE_PAGES_PER_GIB,
+    min_block: int = MIN_RAMBLOCK_SIZE,
 ) -> DirtyRate:
     g = vm.guest
+    if g.size < min_block:
+        note = f"not sampled: QEMU skips RAM blocks under {min_block // MiB} MiB (the guest has {g.size // MiB})"
+        return DirtyRate("page-sampling", calc_time, 0, note=note)
     want = max(1, round(g.size / GiB * pages_per_gib))
     sample = sorted(random.Random(seed).sample(range(g.pages), min(want, g.pages)))
     before = g.page_digests(sample)
@@ -56,6 +73,11 @@ def _with_log(vm: VM, measure):  # runs `measure` with dirty logging on, restori
 
 
 def dirty_bitmap(vm: VM, calc_time: float = 1.0) -> DirtyRate:
+    if vm.guest.dirty_ring:
+        raise Unavailable("dirty-bitmap mode is refused with the dirty ring on, as in QEMU: use dirty-ring")
+    if vm.guest.dirty_logging:
+        raise Unavailable("dirty-bitmap mode is refused while a migration owns the dirty log")
+
     def measure() -> DirtyRate:
         vm.guest.harvest()
         time.sleep(calc_time)
@@ -67,10 +89,12 @@ def dirty_bitmap(vm: VM, calc_time: float = 1.0) -> DirtyRate:
 
 def dirty_ring(vm: VM, calc_time: float = 1.0) -> DirtyRate:
     if not vm.guest.dirty_ring:
-        raise ValueError("dirty-ring mode needs the dirty ring: build the VM with dirty_ring > 0")
+        raise Unavailable("dirty-ring mode needs the dirty ring (--dirty-ring ENTRIES)")
+    ours = not vm.guest.dirty_logging  # else a migration's log: its pages are not ours to clear
 
     def measure() -> DirtyRate:
-        vm.guest.harvest()  # start from clean pages
+        if ours:
+            vm.guest.harvest()  # start from clean pages
         before = [v.dirty_count for v in vm.vcpus]
         end = time.monotonic() + calc_time
         while (left := end - time.monotonic()) > 0:
