@@ -259,3 +259,25 @@ def test_migration_is_transparent(multifd, dma, ring, start_destination, wait_un
         wait_until(lambda: all(dst.done), what="the migrated guest to finish")
         assert progress(dst) == progress(ref)
         assert dst.guest.digest() == reference
+
+
+def test_expected_downtime_follows_qemus_rule():
+    """QEMU's migration_update_counters: expected_downtime = dirty_bytes_last_sync /
+    bandwidth, updated at a window only when the dirty-pages rate is non-zero and more than
+    10000 bytes went out in it; query-migrate shows it until the downtime is known."""
+    m = Migration(VM(VmConfig(vcpus=1, memory=16 * MiB)), "tcp:127.0.0.1:1")
+    m.status, m.t_start = "active", time.monotonic()
+    m._dirty_bytes_last_sync = 8 * MiB
+
+    def window(nbytes: int, dirty_rate: float) -> dict:
+        m._window_start, m._window_bytes, m.dirty_pages_rate = time.monotonic() - 0.1, nbytes, dirty_rate
+        m._tick()
+        return m.query()
+
+    assert "expected-downtime" not in window(1 * MiB, 0.0), "no dirty rate yet"
+    assert "expected-downtime" not in window(10000, 100.0), "10000 bytes are not enough"
+    q = window(1 * MiB, 100.0)
+    assert q["expected-downtime"] == pytest.approx(8 * MiB / m.bandwidth * 1000, abs=1)
+    assert 600 < q["expected-downtime"] < 820  # 8 MiB at about 10 MiB/s
+    m._dirty_bytes_last_sync = 0
+    assert window(5000, 100.0)["expected-downtime"] == q["expected-downtime"], "kept when not updated"

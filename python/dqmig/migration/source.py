@@ -86,6 +86,8 @@ class Migration:
         self.threshold = 0.0  # bytes
         self.pages_per_second = 0.0
         self.verify_time: float | None = None
+        self.expected_downtime: float | None = None  # s, updated at a window (QEMU's rule)
+        self._dirty_bytes_last_sync = 0
         self.digest_time: float | None = None  # the source's own hash at switchover
         self._committed = False  # the completion record went out: the destination decides
         self._window_start = 0.0
@@ -346,6 +348,9 @@ class Migration:
         self.bandwidth = self._window_bytes / elapsed
         self.pages_per_second = self._window_pages / elapsed
         self.threshold = self.bandwidth * self.params.downtime_limit / 1000
+        # migration_update_counters: only with a dirty rate and more than 10000 bytes sent.
+        if self.dirty_pages_rate and self._window_bytes > 10000:
+            self.expected_downtime = self._dirty_bytes_last_sync / self.bandwidth
         self._window_start, self._window_bytes, self._window_pages = now, 0, 0
         if self.policy is not None:
             self.policy.on_tick(self)
@@ -357,6 +362,7 @@ class Migration:
         new = self._merge_harvest()
         self._period_new_dirty += new
         self.new_dirty_pages += new
+        self._dirty_bytes_last_sync = self.remaining
         self.dirty_sync_count += 1
         now = self._last_sync_t = time.monotonic()
         if now - self._period_start >= DIRTY_RATE_PERIOD_S:
@@ -453,8 +459,8 @@ class Migration:
         if self.downtime is not None and self.blackout_time is not None:
             out["downtime"] = int(self.downtime * 1000)
             out["x-blackout-time"] = int(self.blackout_time * 1000)
-        elif self.bandwidth:
-            out["expected-downtime"] = int(self.remaining / self.bandwidth * 1000)
+        elif self.expected_downtime is not None:
+            out["expected-downtime"] = int(self.expected_downtime * 1000)
         with self._lock:
             out["ram"] = {
                 "transferred": self.transferred,
