@@ -124,6 +124,7 @@ class VM:
         self.sleep_ns = [0] * n  # throttle sleep per writer (vCPUs, then the DMA writer)
         self._sleep_started: list[float | None] = [None] * n  # a sleep in progress counts too
         self.handler_ns = [0] * n  # time spent in the exit handler
+        self._cpu_s = [0.0] * n  # last thread CPU time read per writer
         self.done = [False] * n
         self._cv = threading.Condition()
         self._paused = False
@@ -295,16 +296,22 @@ class VM:
             c = v.counters()
             c["sleep_ns"] = sleep_ns[slot]
             c["handler_ns"] = self.handler_ns[slot]
+            c["cpu_ns"] = int(self.cpu_time(slot) * 1e9)
             out.append(c)
         return out
 
     def cpu_time(self, slot: int) -> float:
-        """CPU seconds the host has given writer `slot`'s thread (its thread CPU clock):
-        with the throttle sleeps, it tells a policy's slowdown from a busy host's."""
-        ident = self._threads[slot].ident
-        if ident is None:
-            raise VmError(f"{self.writer_names()[slot]} has not started")
-        return time.clock_gettime(time.pthread_getcpuclockid(ident))
+        """CPU seconds the host has given writer `slot`'s thread (its thread CPU clock, read
+        from outside: nothing on the vCPU's path). With the throttle sleeps and halts it
+        tells a policy's slowdown from a busy host's: the rest of the wall time is steal."""
+        t = self._threads[slot] if slot < len(self._threads) else None
+        if t is None or t.ident is None or not t.is_alive():  # an ended thread's id may be reused
+            return self._cpu_s[slot]
+        try:
+            self._cpu_s[slot] = time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+        except (OSError, ProcessLookupError):  # the thread has ended: its last reading stands
+            pass
+        return self._cpu_s[slot]
 
     def memory_view(self):  # -> numpy.ndarray
         """A read-only numpy view of guest memory, one row per page."""

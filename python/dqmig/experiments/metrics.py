@@ -3,13 +3,33 @@
 Guest slowdown is measured per vCPU against that vCPU's own pace without migration, so a
 compute-bound reader and a rate-limited writer can be compared on one scale:
 `retained = pace during migration / pace before`, `slowdown = 1 - retained`.
+
+On a shared host a vCPU thread also loses time to the migration thread, the destination and
+other jobs: steal, the wall time it was neither running, nor asleep in a throttle, nor halted
+in the guest. The net figures count progress per second that was not stolen, so they show
+what the policy took; the raw ones what the guest saw.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class Pace(NamedTuple):
+    rate: float  # progress per wall second
+    net_rate: float  # progress per second not stolen
+    steal: float  # share of the wall time stolen by the host
+
+
+def pace(progress: int, wall: float, accounted: float) -> Pace:
+    """A writer's pace over `wall` seconds, of which `accounted` were its own (CPU, throttle
+    sleep, halt); the rest is steal, clamped to [0, wall] against clock granularity."""
+    if wall <= 0:
+        return Pace(0.0, 0.0, 0.0)
+    own = min(max(accounted, 0.0), wall)
+    return Pace(progress / wall, progress / own if own > 0 else 0.0, 1 - own / wall)
 
 
 def jain(xs: Sequence[float]) -> float | None:

@@ -16,6 +16,7 @@ One sampler thread records the guest from the baseline to the end of the migrati
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from dqmig.experiments import metrics
@@ -45,7 +46,7 @@ def run(scenario: Scenario, policy: str, *, seed: int | None = None, keep_series
         with vm:
             time.sleep(scenario.warmup)
             sampler, t_sampler, baseline = _baseline(vm, scenario.baseline)
-            before = _progress(vm)
+            before = GuestClock.read(vm)
             m = Migration(vm, dest.uri, params)
             try:
                 m.start()
@@ -69,21 +70,52 @@ def run(scenario: Scenario, policy: str, *, seed: int | None = None, keep_series
 # -- phases ------------------------------------------------------------------------------------
 
 
-def _progress(vm: VM) -> tuple[float, list[int]]:
-    return time.monotonic(), [v.progress for v in vm.all_writers]
+@dataclass
+class GuestClock:
+    """Each writer's progress and where its wall time went (thread CPU, throttle sleep,
+    halted in the guest), read at one moment. The rest of the wall time is steal: the host
+    ran something else (the migration thread, the destination, other jobs)."""
+
+    t: float
+    progress: list[int]
+    cpu_ns: list[int]
+    sleep_ns: list[int]
+    halt_ns: list[int]
+
+    @classmethod
+    def read(cls, vm: VM) -> GuestClock:
+        t, c = time.monotonic(), vm.counters()
+        return cls(t, *([w[k] for w in c] for k in ("progress", "cpu_ns", "sleep_ns", "halt_ns")))
+
+    @classmethod
+    def of_sample(cls, s: dict[str, Any]) -> GuestClock:
+        rows = s["vcpus"]
+        return cls(s["_t"], *([r[k] for r in rows] for k in ("progress", "cpu-ns", "sleep-ns", "halt-ns")))
+
+    def paces(self, later: GuestClock) -> list[metrics.Pace]:
+        wall = later.t - self.t
+        return [
+            metrics.pace(
+                later.progress[i] - self.progress[i],
+                wall,
+                (later.cpu_ns[i] - self.cpu_ns[i] + later.sleep_ns[i] - self.sleep_ns[i]) / 1e9
+                + (later.halt_ns[i] - self.halt_ns[i]) / 1e9,
+            )
+            for i in range(len(self.progress))
+        ]
 
 
-def _baseline(vm: VM, seconds: float) -> tuple[Sampler, float, list[float]]:
-    """Starts the sampler and measures each writer's pace (steps/s) over `seconds`."""
+def _baseline(vm: VM, seconds: float) -> tuple[Sampler, float, list[metrics.Pace]]:
+    """Starts the sampler and measures each writer's pace over `seconds`."""
     vm.start_dirty_log()
     t_sampler = time.monotonic()
     sampler = Sampler(vm, clear_log=True).start()
-    t0, p0 = _progress(vm)
+    start = GuestClock.read(vm)
     time.sleep(seconds)
-    t1, p1 = _progress(vm)
+    end = GuestClock.read(vm)
     sampler.pause_clearing()
     vm.stop_dirty_log()  # the migration starts its own log
-    return sampler, t_sampler, [(b - a) / (t1 - t0) for a, b in zip(p0, p1, strict=True)]
+    return sampler, t_sampler, start.paces(end)
 
 
 def _wait(m: Migration, cap_s: float) -> None:
@@ -111,8 +143,8 @@ def _result(
     seed: int,
     vm: VM,
     m: Migration,
-    baseline: list[float],
-    before: tuple[float, list[int]],
+    baseline: list[metrics.Pace],
+    before: GuestClock,
 ) -> dict[str, Any]:
     q = m.query()
     ram = q.get("ram", {})
@@ -134,6 +166,8 @@ def _result(
         "peak-cpu-throttle-percentage": max((s.get("cpu-throttle-percentage", 0) for s in m.samples), default=0),
         "vcpus": vcpus,
         "slowdown": metrics.class_means(vcpus, "slowdown"),
+        "net-slowdown": metrics.class_means(vcpus, "net-slowdown"),
+        "steal": metrics.class_means(vcpus, "steal"),
         "fairness": metrics.jain(kept),
         "policy-changes": m.policy_changes,
         "parameters": m.params.as_qmp(),
@@ -150,25 +184,28 @@ def _end_sample(m: Migration) -> dict[str, Any]:
     return m.samples[-1]
 
 
-def _vcpus(vm: VM, m: Migration, baseline: list[float], before: tuple[float, list[int]]) -> list[dict[str, Any]]:
-    t0, p0 = before
-    end = _end_sample(m)
-    seconds = end["_t"] - t0
+def _vcpus(vm: VM, m: Migration, baseline: list[metrics.Pace], before: GuestClock) -> list[dict[str, Any]]:
+    during = before.paces(GuestClock.of_sample(_end_sample(m)))
     names, classes, programs = vm.writer_names(), vm.writer_classes(), vm.writer_programs()
     counters = vm.counters()
     out = []
     for i, name in enumerate(names):
-        during = (end["vcpus"][i]["progress"] - p0[i]) / seconds if seconds > 0 else 0.0
-        kept = metrics.retained(baseline[i], during)
+        b, d = baseline[i], during[i]
+        kept = metrics.retained(b.rate, d.rate)
+        net = metrics.retained(b.net_rate, d.net_rate)
         out.append(
             {
                 "name": name,
                 "class": classes[i],
                 "program": programs[i].kind,
-                "baseline-rate": baseline[i],
-                "migration-rate": during,
+                "baseline-rate": b.rate,
+                "migration-rate": d.rate,
                 "retained": kept,
                 "slowdown": None if kept is None else 1 - kept,
+                "net-retained": net,
+                "net-slowdown": None if net is None else 1 - net,
+                "baseline-steal": b.steal,
+                "steal": d.steal,
                 "sleep": counters[i]["sleep_ns"] / 1e9,
             }
         )

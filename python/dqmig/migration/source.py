@@ -494,6 +494,8 @@ class Migration:
                 "progress": c["progress"],
                 "pages-dirtied": c["pages_dirtied"],
                 "sleep-ns": c["sleep_ns"],
+                "cpu-ns": c["cpu_ns"],  # the vCPU thread's CPU time
+                "halt-ns": c["halt_ns"],  # halted in the guest (idle, rate limit)
                 "quota-exits": c["exits"]["DIRTY_QUOTA_EXHAUSTED"],
                 "ring-full-exits": c["exits"]["DIRTY_RING_FULL"],
             }
