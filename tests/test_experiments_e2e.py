@@ -62,6 +62,8 @@ def test_compare_runs_each_policy_and_writes_a_report(compared):
     for run in doc["runs"]:
         assert {v["class"] for v in run["vcpus"]} == {"writer", "reader"}
         assert all(v["baseline-rate"] > 0 for v in run["vcpus"])
+        assert all(0 <= v["steal"] <= 1 and 0 <= v["baseline-steal"] <= 1 for v in run["vcpus"])
+        assert set(run["net-slowdown"]) == set(run["slowdown"]) == {"writer", "reader"}
         assert run["series"]["guest"]["t"][0] < 0 < run["series"]["guest"]["t"][-1]
         assert "sync" in run["series"]["migration"]["event"]
     if dq["converged"]:

@@ -123,6 +123,19 @@ def test_slowdown_helpers():
 # -- the schema ------------------------------------------------------------------------------
 
 
+def test_pace_separates_steal_from_the_policy():
+    # 10 s of wall time: 6 s on the CPU and 2 s in a throttle sleep are the vCPU's own; the
+    # 2 s left were stolen by the host. Net pace counts only the 8 s.
+    p = metrics.pace(800, 10.0, 8.0)
+    assert p.rate == 80 and p.net_rate == 100 and p.steal == pytest.approx(0.2)
+    assert metrics.pace(100, 10.0, 10.4).steal == 0, "clock granularity never makes steal negative"
+    assert metrics.pace(0, 0.0, 0.0) == metrics.Pace(0.0, 0.0, 0.0)
+    # A host that steals half the time halves the raw pace, not the net one.
+    quiet, busy = metrics.pace(1000, 1.0, 1.0), metrics.pace(500, 1.0, 0.5)
+    assert metrics.retained(quiet.rate, busy.rate) == 0.5
+    assert metrics.retained(quiet.net_rate, busy.net_rate) == 1.0
+
+
 def test_results_carry_what_it_takes_to_trace_and_rerun():
     doc = fake_compare()
     results.validate(doc)
