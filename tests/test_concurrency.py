@@ -95,7 +95,7 @@ def written_pages(guest: _native.Guest) -> set[int]:
 @pytest.mark.parametrize("with_device", [False, True], ids=["vcpus", "vcpus+dma"])
 @pytest.mark.parametrize("ring", [0, 256], ids=["bitmap", "ring"])
 def test_no_lost_update_with_concurrent_harvests(ring, with_device):
-    guest = _native.Guest(PAGES, vcpus=VCPUS, dirty_ring=ring)
+    guest = _native.Guest(PAGES, vcpus=VCPUS, dirty_ring=ring, pml=False)
     specs = programs(with_device)
     vs = build(guest, specs, with_device)
     guest.start_dirty_log()
@@ -146,7 +146,7 @@ def test_no_lost_update_with_concurrent_harvests(ring, with_device):
 def test_page_written_after_a_harvest_shows_up_in_a_later_one(ring):
     """While a vCPU writes its own region flat out, pages written (by another vCPU or a
     device) after a harvest always appear in a later harvest."""
-    guest = _native.Guest(256, vcpus=2, dirty_ring=ring)
+    guest = _native.Guest(256, vcpus=2, dirty_ring=ring, pml=False)
     busy = _native.Vcpu(guest, 0, ProgramSpec("uniform", region_start=0, region_pages=128).to_json())
     guest.start_dirty_log()
     errors: list[BaseException] = []
@@ -171,7 +171,7 @@ def test_page_written_after_a_harvest_shows_up_in_a_later_one(ring):
 def test_rewritten_pages_are_harvested_again(ring):
     """A vCPU that rewrites pages it already dirtied, after they were harvested, dirties them
     again (quota exits split the run so harvests fall between the writes)."""
-    guest = _native.Guest(64, vcpus=1, dirty_ring=ring)
+    guest = _native.Guest(64, vcpus=1, dirty_ring=ring, pml=False)
     v = _native.Vcpu(guest, 0, ProgramSpec("sequential", region_start=8, region_pages=16).to_json())
     guest.start_dirty_log()
     count = 0

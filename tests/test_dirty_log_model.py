@@ -26,7 +26,7 @@ from dqmig import _native
 
 PAGES = 320  # more than a ring holds, so a burst can overflow into the backup bitmap
 VCPUS = 3
-RING = 256  # the smallest ring: 192 entries to the soft limit, 64 reserved
+RING = 256  # the smallest ring: 192 entries to the soft limit, 64 reserved (PML off)
 
 pages_st = st.integers(0, PAGES - 1)
 values_st = st.integers(0, 2**64 - 1)
@@ -38,7 +38,7 @@ class DirtyLogMachine(RuleBasedStateMachine):
 
     @initialize()
     def setup(self):
-        self.g = _native.Guest(PAGES, vcpus=VCPUS, dirty_ring=self.dirty_ring)
+        self.g = _native.Guest(PAGES, vcpus=VCPUS, dirty_ring=self.dirty_ring, pml=False)
         self.logging = False
         self.armed: set[int] = set()
         self.collected: set[int] = set()
@@ -233,7 +233,7 @@ TestPageContents.settings = settings(max_examples=40, stateful_step_count=30, de
 
 @pytest.mark.parametrize("ring", [0, RING])
 def test_nothing_is_logged_before_start(ring):
-    g = _native.Guest(64, vcpus=2, dirty_ring=ring)
+    g = _native.Guest(64, vcpus=2, dirty_ring=ring, pml=False)
     assert not g.dirty_logging
     assert g.write_and_mark(3, 1, 0) is False
     assert g.write_and_mark(4, 1, None) is False
@@ -244,7 +244,7 @@ def test_nothing_is_logged_before_start(ring):
 
 @pytest.mark.parametrize("ring", [0, RING])
 def test_start_dirty_log_clears_everything(ring):
-    g = _native.Guest(64, vcpus=2, dirty_ring=ring)
+    g = _native.Guest(64, vcpus=2, dirty_ring=ring, pml=False)
     g.start_dirty_log()
     for p in range(10):
         g.write_and_mark(p, 1, p % 2)
@@ -258,7 +258,7 @@ def test_start_dirty_log_clears_everything(ring):
 
 
 def test_ring_overflow_goes_to_backup_bitmap():
-    g = _native.Guest(PAGES, vcpus=1, dirty_ring=RING)
+    g = _native.Guest(PAGES, vcpus=1, dirty_ring=RING, pml=False)
     g.start_dirty_log()
     for p in range(PAGES):
         assert g.write_and_mark(p, 1, 0) is True
@@ -269,7 +269,7 @@ def test_ring_overflow_goes_to_backup_bitmap():
 
 
 def test_reaped_pages_are_reprotected_but_stay_dirty():
-    g = _native.Guest(64, vcpus=2, dirty_ring=RING)
+    g = _native.Guest(64, vcpus=2, dirty_ring=RING, pml=False)
     g.start_dirty_log()
     assert g.write_and_mark(5, 1, 0)
     assert not g.write_and_mark(5, 2, 1), "already dirty: no transition"
@@ -293,7 +293,7 @@ def test_bitmap_mode_ring_queries():
 
 
 def test_guest_attributes():
-    g = _native.Guest(100, page_size=8192, vcpus=3, dirty_ring=512)
+    g = _native.Guest(100, page_size=8192, vcpus=3, dirty_ring=512, pml=False)
     assert (g.pages, g.page_size, g.size, g.vcpus, g.dirty_ring) == (100, 8192, 100 * 8192, 3, 512)
 
 
@@ -315,7 +315,7 @@ def test_bad_guest_geometry(kwargs):
 
 
 def test_out_of_range_pages_and_vcpus():
-    g = _native.Guest(16, vcpus=2, dirty_ring=RING)
+    g = _native.Guest(16, vcpus=2, dirty_ring=RING, pml=False)
     with pytest.raises(IndexError, match="page 16"):
         g.write_and_mark(16, 1, 0)
     with pytest.raises(IndexError, match="vcpu 2"):

@@ -174,6 +174,7 @@ def test_end_to_end(case, start_destination, wait_until):
         assert rx.error is None, rx.error
         result = rx.result
         assert result is not None and result.vm is not None
+        assert result.vm.guest.ring_soft_limit == vm.guest.ring_soft_limit, "the handshake carries PML"
 
         # No lost update: the destination's memory at resume is the source's at switchover.
         # The source stays stopped once the guest runs on the destination.

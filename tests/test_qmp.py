@@ -255,7 +255,20 @@ def test_migrate_to_unreachable_uri_ends_failed(session, vm):
     assert ok(session, "query-migrate")["status"] == "failed"
 
 
-def test_migrate_cancel(session, vm, start_destination):
+@pytest.fixture
+def writer_session():
+    """A negotiated session over a guest whose writer runs flat out: over 2048 pages it
+    dirties far more than a 1 ms downtime-limit lets through, so a migration stays active
+    until cancelled whatever the host's speed (a rate-limited writer may dirty nothing
+    between two syncs on a fast host, and the migration then completes)."""
+    with small_vm(rate=0) as v:
+        s = Session(Monitor(v))
+        assert s.handle_line(b'{"execute": "qmp_capabilities"}') == {"return": {}}
+        yield s, v
+
+
+def test_migrate_cancel(writer_session, start_destination):
+    session, vm = writer_session
     assert ok(session, "migrate_cancel") == {}, "nothing to cancel"
     with start_destination() as rx:
         ok(session, "migrate-set-parameters", {"max-bandwidth": 8 * MiB, "downtime-limit": 1, "x-max-time": 20})

@@ -21,7 +21,7 @@ writer_kind = st.sampled_from(["sequential", "uniform"])
 
 
 def vcpu(kind="sequential", *, pages=PAGES, ring=0, pml_batch=1, log=True, **spec):
-    g = _native.Guest(pages, dirty_ring=ring)
+    g = _native.Guest(pages, dirty_ring=ring, pml=False)
     if log:
         g.start_dirty_log()
     v = _native.Vcpu(g, 0, ProgramSpec(kind, **spec).to_json(), pml_batch)
@@ -299,7 +299,7 @@ def test_vcpu_construction_errors():
 
 
 def test_device_writer_has_own_counter_and_quota_and_no_ring():
-    g = _native.Guest(PAGES, vcpus=1, dirty_ring=256)
+    g = _native.Guest(PAGES, vcpus=1, dirty_ring=256, pml=False)
     g.start_dirty_log()
     d = _native.Vcpu.device(g, ProgramSpec("sequential").to_json())
     d.quota = 500  # beyond the vCPU ring's soft limit: a device has no ring to fill

@@ -54,9 +54,10 @@ def handshake(
     caps: int = 0,
     *,
     magic: bytes = b"DQMIGSTR",
-    version: int = 1,
+    version: int = 2,
+    flags: int = 0,  # 1 = the rings reserve the PML buffer
 ) -> bytes:
-    return magic + struct.pack("<IIQIIIQ", version, page_size, pages, vcpus, dirty_ring, channels, caps)
+    return magic + struct.pack("<IIQIIIQI", version, page_size, pages, vcpus, dirty_ring, channels, caps, flags)
 
 
 def hs_record(**kw) -> bytes:
@@ -188,11 +189,11 @@ def test_destination_rejects_bad_stream_start(case, start_destination):
 
 
 HANDSHAKES = {
-    "short": (record("Handshake", handshake()[:10]), "handshake is 10 bytes, expected 44"),
-    "long": (record("Handshake", handshake() + b"x"), "handshake is 45 bytes, expected 44"),
+    "short": (record("Handshake", handshake()[:10]), "handshake is 10 bytes, expected 48"),
+    "long": (record("Handshake", handshake() + b"x"), "handshake is 49 bytes, expected 48"),
     "empty": (record("Handshake"), "handshake is 0 bytes"),
     "wrong-magic": (hs_record(magic=b"QEVM\0\0\0\3"), "wrong magic .*not a dqmig migration stream"),
-    "wrong-version": (hs_record(version=2), r"stream version 2 is not supported \(this dqmig speaks 1\)"),
+    "wrong-version": (hs_record(version=3), r"stream version 3 is not supported \(this dqmig speaks 2\)"),
     "version-zero": (hs_record(version=0), "stream version 0 is not supported"),
     "larger-than-host": (hs_record(pages=1 << 40), "does not fit this host's memory"),
     "largest-u64": (hs_record(pages=(1 << 64) - 1, page_size=1 << 30), "does not fit this host's memory"),
@@ -456,7 +457,8 @@ handshakes = st.builds(
     dirty_ring=mostly([0, 256, 1024], u(32)),
     channels=mostly([1, 2], u(32)),
     caps=mostly([0], u(64)),
-    version=mostly([1], u(32)),
+    version=mostly([2], u(32)),
+    flags=mostly([0, 1], u(32)),
 )
 
 random_records = st.lists(
@@ -677,19 +679,21 @@ def test_send_pages_refuses_an_out_of_range_page_anywhere():
 
 
 def test_handshake_encoding():
-    raw = _native.encode_handshake(PAGE, PAGES, 1, 0, 1, 0)
+    raw = _native.encode_handshake(PAGE, PAGES, 1, 0, 1, 0, 0)
     assert raw == handshake()
+    assert _native.decode_handshake(_native.encode_handshake(PAGE, PAGES, 1, 1024, 1, 0, 1))["pml"] is True
     assert _native.decode_handshake(raw) == {
-        "version": 1,
+        "version": 2,
         "page_size": PAGE,
         "pages": PAGES,
         "vcpus": 1,
         "dirty_ring": 0,
         "channels": 1,
         "capabilities": 0,
+        "pml": False,
     }
     for bad, message in [
-        (raw[:-1], "43 bytes"),
+        (raw[:-1], "47 bytes"),
         (b"X" + raw[1:], "wrong magic"),
         (handshake(version=7), "version 7"),
     ]:

@@ -31,7 +31,7 @@ def writer_and_idle(ring: int = 0, **kwargs) -> VmConfig:
     """vCPU 0 writes uniformly in its half of memory; vCPU 1 idles."""
     (r0, n0), _ = own_regions(PAGES, 2)
     programs = [ProgramSpec("uniform", region_start=r0, region_pages=n0, seed=1), ProgramSpec("idle")]
-    return VmConfig(vcpus=2, memory=MEMORY, dirty_ring=ring, programs=programs, **kwargs)
+    return VmConfig(vcpus=2, memory=MEMORY, dirty_ring=ring, pml=False, programs=programs, **kwargs)
 
 
 def progress(vm: VM) -> list[int]:
@@ -201,7 +201,7 @@ def test_throttle_sleep_sleeps_and_records():
 
 @pytest.mark.parametrize("ring", [0, 256])
 def test_dma_writer_has_its_own_counter(ring):
-    config = VmConfig(vcpus=2, memory=MEMORY, dirty_ring=ring, dma=ProgramSpec("sequential", rate=5000))
+    config = VmConfig(vcpus=2, memory=MEMORY, dirty_ring=ring, pml=False, dma=ProgramSpec("sequential", rate=5000))
     with VM(config) as vm:
         assert vm.dma is not None and vm.dma.is_device
         assert len(vm.all_writers) == 3
@@ -311,7 +311,7 @@ def test_dirty_bitmap_mode_is_refused_with_the_ring_or_a_migration_log():
     """QEMU's qmp_calc_dirty_rate refuses dirty-bitmap mode when the KVM dirty ring is on;
     and it never consumes the migration's dirty log: with logging on (a migration's),
     dqmig refuses it rather than harvest pages the migration has yet to send."""
-    with VM(VmConfig(vcpus=1, memory=MEMORY, dirty_ring=256)) as vm:
+    with VM(VmConfig(vcpus=1, memory=MEMORY, dirty_ring=256, pml=False)) as vm:
         with pytest.raises(dirtyrate.Unavailable, match="refused with the dirty ring on"):
             dirtyrate.dirty_bitmap(vm, CALC)
     vm = VM(VmConfig(vcpus=1, memory=MEMORY, programs=[ProgramSpec("sequential", steps=100)]))
@@ -349,7 +349,7 @@ def test_dirty_rate_modes_on_an_idle_guest():
     with VM(VmConfig(vcpus=2, memory=MEMORY)) as vm:
         assert dirtyrate.page_sampling(vm, CALC, min_block=0).dirty_rate == 0
         assert dirtyrate.dirty_bitmap(vm, CALC).dirty_rate == 0
-    with VM(VmConfig(vcpus=2, memory=MEMORY, dirty_ring=256)) as vm:
+    with VM(VmConfig(vcpus=2, memory=MEMORY, dirty_ring=256, pml=False)) as vm:
         r = dirtyrate.dirty_ring(vm, CALC)
         assert r.dirty_rate == 0 and r.vcpu_dirty_rate == [0, 0]
 
@@ -391,7 +391,7 @@ def test_bad_config_raises_value_error(kwargs, match):
 
 
 def test_with_workload_builds_the_preset():
-    c = VmConfig.with_workload("skewed", vcpus=3, memory=MEMORY, seed=2, dirty_ring=512)
+    c = VmConfig.with_workload("skewed", vcpus=3, memory=MEMORY, seed=2, dirty_ring=512, pml=False)
     assert c.pages == PAGES and c.dirty_ring == 512
     assert c.programs == preset("skewed", 3, PAGES, 2)
     vm = VM(c)
@@ -402,15 +402,33 @@ def test_with_workload_builds_the_preset():
 
 def test_vm_can_reuse_a_matching_guest():
     config = writer_and_idle(ring=256)
-    guest = _native.Guest(PAGES, 4096, 2, 256)
+    guest = _native.Guest(PAGES, 4096, 2, 256, False)
     guest.write_page(PAGES - 1, bytes([7]) * 4096)
     vm = VM(config, guest=guest)
     assert vm.guest is guest
     assert vm.memory_view()[PAGES - 1, 0] == 7
     for bad in (
-        _native.Guest(PAGES // 2, 4096, 2, 256),
-        _native.Guest(PAGES, 4096, 3, 256),
+        _native.Guest(PAGES // 2, 4096, 2, 256, False),
+        _native.Guest(PAGES, 4096, 3, 256, False),
         _native.Guest(PAGES, 4096, 2, 0),
     ):
         with pytest.raises(ValueError, match="does not match"):
             VM(config, guest=bad)
+
+
+def test_dirty_rings_reserve_the_pml_buffer_by_default():
+    """KVM's kvm_dirty_ring_get_rsvd_entries: a ring is soft-full at size - (64 +
+    kvm_cpu_dirty_log_size()), the latter the 512-entry PML buffer on Intel VMX. So a
+    4096-entry ring exits DIRTY_RING_FULL after 3520 pages, not 4032."""
+    vm = VM(VmConfig(vcpus=1, memory=MEMORY, dirty_ring=4096))
+    assert vm.guest.pml and vm.guest.ring_soft_limit == 3520
+    assert VM(VmConfig(vcpus=1, memory=MEMORY, dirty_ring=4096, pml=False)).guest.ring_soft_limit == 4032
+    assert VM(VmConfig(vcpus=1, memory=MEMORY)).guest.ring_soft_limit == 0, "bitmap mode"
+    with pytest.raises(ValueError, match="576 reserved entries"):
+        VM(VmConfig(vcpus=1, memory=MEMORY, dirty_ring=512))
+    # The soft limit is where the vCPU exits: a sequential writer fills exactly that much.
+    g = _native.Guest(PAGES, dirty_ring=1024)
+    g.start_dirty_log()
+    v = _native.Vcpu(g, 0, ProgramSpec("sequential").to_json())
+    assert v.run(5.0).reason == "DIRTY_RING_FULL"
+    assert g.ring_len(0) == 1024 - 576

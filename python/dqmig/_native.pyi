@@ -8,7 +8,9 @@ EXIT_REASONS: list[str]
 class Guest:
     """Guest memory (N pages of real memory) and its dirty tracker (bitmap or rings)."""
 
-    def __init__(self, pages: int, page_size: int = 4096, vcpus: int = 1, dirty_ring: int = 0) -> None: ...
+    def __init__(
+        self, pages: int, page_size: int = 4096, vcpus: int = 1, dirty_ring: int = 0, pml: bool = True
+    ) -> None: ...
     @property
     def pages(self) -> int: ...
     @property
@@ -20,6 +22,12 @@ class Guest:
     @property
     def dirty_ring(self) -> int:
         """Dirty ring entries per vCPU; 0 in bitmap mode."""
+    @property
+    def pml(self) -> bool:
+        """Whether the rings reserve the 512-entry PML buffer (Intel VMX); False in bitmap mode."""
+    @property
+    def ring_soft_limit(self) -> int:
+        """Entries a ring holds before DIRTY_RING_FULL: size - 64 - (512 with PML); 0 in bitmap mode."""
     def read_page(self, page: int) -> bytes: ...
     def write_page(self, page: int, data: bytes) -> None:
         """Loads a page without marking it dirty."""
@@ -100,6 +108,6 @@ class Channel:
     def shutdown(self, read_only: bool = False) -> None: ...
 
 def encode_handshake(
-    page_size: int, pages: int, vcpus: int, dirty_ring: int, channels: int, capabilities: int
+    page_size: int, pages: int, vcpus: int, dirty_ring: int, channels: int, capabilities: int, flags: int
 ) -> bytes: ...
 def decode_handshake(data: bytes) -> dict[str, int]: ...

@@ -91,6 +91,13 @@ def _add_guest_options(p: argparse.ArgumentParser) -> None:
         help="dirty ring entries per vCPU (KVM dirty-ring-size); 0 = dirty bitmap (default 4096)",
     )
     g.add_argument(
+        "--pml",
+        choices=("on", "off"),
+        default="on",
+        help="on: the rings reserve Intel PML's 512-entry buffer as KVM on VMX does, so a ring is "
+        "soft-full at size - 576 (needs >= 1024 entries); off: size - 64, as without PML (default on)",
+    )
+    g.add_argument(
         "--writer-rate",
         type=_non_negative(float),
         default=DEFAULT_WRITER_RATE,
@@ -118,6 +125,7 @@ def vm_config(args: argparse.Namespace) -> VmConfig:
         memory=args.memory,
         page_size=args.page_size,
         dirty_ring=args.dirty_ring,
+        pml=args.pml == "on",
         programs=programs,
         dma=dma,
     )
@@ -227,6 +235,7 @@ def _config_dict(c: VmConfig) -> dict:
         "memory": c.memory,
         "page_size": c.page_size,
         "dirty_ring": c.dirty_ring,
+        "pml": c.pml,
         "programs": [p.__dict__ for p in c.programs],
         "dma": c.dma.__dict__ if c.dma else None,
     }

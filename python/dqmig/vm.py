@@ -30,6 +30,7 @@ class VmConfig:
     memory: int = 512 * MiB
     page_size: int = 4096
     dirty_ring: int = 0  # entries per vCPU (KVM dirty-ring-size); 0 = dirty bitmap
+    pml: bool = True  # rings reserve Intel PML's 512-entry buffer, as KVM on VMX
     programs: list[ProgramSpec] = field(default_factory=list)  # one per vCPU; empty = idle
     dma: ProgramSpec | None = None  # a DMA writer device, if any
     timeslice: float = 0.010  # seconds per run() before a TIMESLICE exit
@@ -105,12 +106,13 @@ class VM:
         config.validate()
         self.config = config
         if guest is None:
-            guest = _native.Guest(config.pages, config.page_size, config.vcpus, config.dirty_ring)
-        elif (guest.pages, guest.page_size, guest.vcpus, guest.dirty_ring) != (
+            guest = _native.Guest(config.pages, config.page_size, config.vcpus, config.dirty_ring, config.pml)
+        elif (guest.pages, guest.page_size, guest.vcpus, guest.dirty_ring, guest.pml) != (
             config.pages,
             config.page_size,
             config.vcpus,
             config.dirty_ring,
+            config.pml and config.dirty_ring > 0,
         ):
             raise ValueError("the guest's memory does not match the VM configuration")
         self.guest = guest

@@ -40,18 +40,22 @@ struct Guest {
 #[pymethods]
 impl Guest {
     #[new]
-    #[pyo3(signature = (pages, page_size=crate::memory::DEFAULT_PAGE_SIZE, vcpus=1, dirty_ring=0))]
+    #[pyo3(signature = (pages, page_size=crate::memory::DEFAULT_PAGE_SIZE, vcpus=1, dirty_ring=0, pml=true))]
     fn new(
         py: Python<'_>,
         pages: usize,
         page_size: usize,
         vcpus: usize,
         dirty_ring: usize,
+        pml: bool,
     ) -> PyResult<Self> {
         let mode = if dirty_ring == 0 {
             TrackMode::Bitmap
         } else {
-            TrackMode::Ring { size: dirty_ring }
+            TrackMode::Ring {
+                size: dirty_ring,
+                pml,
+            }
         };
         let inner = py
             .detach(|| crate::Guest::new(pages, page_size, mode, vcpus))
@@ -86,7 +90,22 @@ impl Guest {
     fn dirty_ring(&self) -> usize {
         match self.inner.tracker.mode() {
             TrackMode::Bitmap => 0,
-            TrackMode::Ring { size } => size,
+            TrackMode::Ring { size, .. } => size,
+        }
+    }
+
+    /// Whether the dirty rings reserve the PML buffer (Intel VMX); false in bitmap mode.
+    #[getter]
+    fn pml(&self) -> bool {
+        matches!(self.inner.tracker.mode(), TrackMode::Ring { pml: true, .. })
+    }
+
+    /// Entries a dirty ring holds before its vCPU exits with DIRTY_RING_FULL; 0 in bitmap mode.
+    #[getter]
+    fn ring_soft_limit(&self) -> usize {
+        match self.inner.tracker.mode() {
+            TrackMode::Bitmap => 0,
+            TrackMode::Ring { size, pml } => size - crate::ring::DirtyRing::reserved_entries(pml),
         }
     }
 
@@ -543,6 +562,7 @@ impl Channel {
 }
 
 #[pyfunction]
+#[allow(clippy::too_many_arguments)] // one argument per handshake field, as Python passes them
 fn encode_handshake<'py>(
     py: Python<'py>,
     page_size: u32,
@@ -551,6 +571,7 @@ fn encode_handshake<'py>(
     dirty_ring: u32,
     channels: u32,
     capabilities: u64,
+    flags: u32,
 ) -> Bound<'py, pyo3::types::PyBytes> {
     let h = Handshake {
         version: stream::VERSION,
@@ -560,6 +581,7 @@ fn encode_handshake<'py>(
         dirty_ring,
         channels,
         capabilities,
+        flags,
     };
     pyo3::types::PyBytes::new(py, &h.encode())
 }
@@ -576,6 +598,7 @@ fn decode_handshake<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, Py
     d.set_item("dirty_ring", h.dirty_ring)?;
     d.set_item("channels", h.channels)?;
     d.set_item("capabilities", h.capabilities)?;
+    d.set_item("pml", h.flags & stream::FLAG_PML != 0)?;
     Ok(d)
 }
 

@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 use crate::memory::{GuestMemory, PREFETCH_AHEAD};
 
 pub const MAGIC: [u8; 8] = *b"DQMIGSTR";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 8;
 /// Largest control payload (handshake, device state, ...).
 pub const MAX_CONTROL_LEN: usize = 16 << 20;
@@ -115,10 +115,15 @@ pub struct Handshake {
     pub dirty_ring: u32,
     pub channels: u32,
     pub capabilities: u64,
+    /// Guest properties beyond the geometry: `FLAG_PML`.
+    pub flags: u32,
 }
 
+/// Handshake flag: the dirty rings reserve the PML buffer (see `ring::PML_ENTRIES`).
+pub const FLAG_PML: u32 = 1;
+
 impl Handshake {
-    pub const LEN: usize = 8 + 4 + 4 + 8 + 4 + 4 + 4 + 8;
+    pub const LEN: usize = 8 + 4 + 4 + 8 + 4 + 4 + 4 + 8 + 4;
 
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(Self::LEN);
@@ -130,6 +135,7 @@ impl Handshake {
         b.extend_from_slice(&self.dirty_ring.to_le_bytes());
         b.extend_from_slice(&self.channels.to_le_bytes());
         b.extend_from_slice(&self.capabilities.to_le_bytes());
+        b.extend_from_slice(&self.flags.to_le_bytes());
         b
     }
 
@@ -158,6 +164,7 @@ impl Handshake {
             dirty_ring: u32_at(28),
             channels: u32_at(32),
             capabilities: u64_at(36),
+            flags: u32_at(44),
         };
         if h.version != VERSION {
             return protocol(format!(
@@ -510,6 +517,7 @@ mod tests {
             dirty_ring: 0,
             channels: 1,
             capabilities: 5,
+            flags: FLAG_PML,
         };
         assert_eq!(Handshake::decode(&h.encode()).unwrap(), h);
         let mut bad = h.encode();
@@ -519,7 +527,7 @@ mod tests {
             .to_string()
             .contains("magic"));
         let v2 = Handshake {
-            version: 2,
+            version: VERSION + 1,
             ..h.clone()
         }
         .encode();

@@ -101,7 +101,11 @@ impl Bitmap {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TrackMode {
     Bitmap,
-    Ring { size: usize },
+    /// `pml`: the host logs with Intel PML, whose buffer KVM reserves in the ring.
+    Ring {
+        size: usize,
+        pml: bool,
+    },
 }
 
 /// Who wrote a page.
@@ -125,8 +129,8 @@ impl DirtyTracker {
     pub fn new(pages: usize, mode: TrackMode, vcpus: usize) -> Result<Self, Error> {
         let rings = match mode {
             TrackMode::Bitmap => Vec::new(),
-            TrackMode::Ring { size } => (0..vcpus)
-                .map(|_| DirtyRing::new(size))
+            TrackMode::Ring { size, pml } => (0..vcpus)
+                .map(|_| DirtyRing::new(size, pml))
                 .collect::<Result<_, _>>()?,
         };
         let collected_bits = if rings.is_empty() { 0 } else { pages };
@@ -250,7 +254,13 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn both_modes() -> [TrackMode; 2] {
-        [TrackMode::Bitmap, TrackMode::Ring { size: 256 }]
+        [
+            TrackMode::Bitmap,
+            TrackMode::Ring {
+                size: 256,
+                pml: false,
+            },
+        ]
     }
 
     #[test]
@@ -286,7 +296,15 @@ mod tests {
 
     #[test]
     fn ring_mode_pushes_transitions_and_reaps_per_vcpu() {
-        let t = DirtyTracker::new(1000, TrackMode::Ring { size: 256 }, 2).unwrap();
+        let t = DirtyTracker::new(
+            1000,
+            TrackMode::Ring {
+                size: 256,
+                pml: false,
+            },
+            2,
+        )
+        .unwrap();
         t.start_logging();
         for p in 0..10 {
             t.mark(p, Writer::Vcpu(0));
@@ -302,7 +320,15 @@ mod tests {
 
     #[test]
     fn ring_overflow_falls_back_to_bitmap() {
-        let t = DirtyTracker::new(1000, TrackMode::Ring { size: 256 }, 1).unwrap();
+        let t = DirtyTracker::new(
+            1000,
+            TrackMode::Ring {
+                size: 256,
+                pml: false,
+            },
+            1,
+        )
+        .unwrap();
         t.start_logging();
         for p in 0..300 {
             assert!(t.mark(p, Writer::Vcpu(0)));

@@ -550,7 +550,14 @@ mod tests {
 
     #[test]
     fn ring_full_exit() {
-        let g = guest(4096, TrackMode::Ring { size: 256 }, 1);
+        let g = guest(
+            4096,
+            TrackMode::Ring {
+                size: 256,
+                pml: false,
+            },
+            1,
+        );
         g.tracker.start_logging();
         let v = Vcpu::new(g.clone(), 0, spec(Workload::Sequential, 0)).unwrap();
         assert_eq!(v.run(LONG).reason, ExitReason::DirtyRingFull);
@@ -604,7 +611,14 @@ mod tests {
 
     #[test]
     fn device_writer_has_own_counter_and_no_ring() {
-        let g = guest(64, TrackMode::Ring { size: 256 }, 1);
+        let g = guest(
+            64,
+            TrackMode::Ring {
+                size: 256,
+                pml: false,
+            },
+            1,
+        );
         g.tracker.start_logging();
         let d = Vcpu::new_device(g.clone(), spec(Workload::Sequential, 10)).unwrap();
         assert!(d.is_device());

@@ -31,7 +31,7 @@ DEFAULT_POLICIES = ("none", "auto-converge", "dirty-limit", "dirty-quota")
 SCENARIO_DIR = "scenarios"  # inside this package
 
 TOP_KEYS = ("name", "description", "policies", "guest", "network", "migration", "policy", "run")
-GUEST_KEYS = ("vcpus", "memory", "page-size", "dirty-ring", "workload", "writer-rate", "programs", "dma")
+GUEST_KEYS = ("vcpus", "memory", "page-size", "dirty-ring", "pml", "workload", "writer-rate", "programs", "dma")
 NETWORK_KEYS = ("max-bandwidth", "multifd", "multifd-channels")
 RUN_KEYS = ("seed", "warmup", "baseline", "after")
 PARAM_SECTIONS = ("network", "migration", "policy")  # sections holding QEMU parameters
@@ -47,6 +47,7 @@ class Guest:
     memory: int = 64 * MiB
     page_size: int = 4096
     dirty_ring: int = 4096  # entries per vCPU; 0 = dirty bitmap
+    pml: bool = True  # the rings reserve Intel PML's buffer, as KVM on VMX
     workload: str = "skewed"  # the preset giving every vCPU a program
     writer_rate: float = 16384  # steps/s of the preset's writers; 0 = flat out
     programs: tuple[str, ...] = ()  # program specs overriding the preset, in vCPU order
@@ -213,6 +214,11 @@ class _Parser:
             raise self.error(field, f"must be a string, not {_show(value)}")
         return value
 
+    def boolean(self, field: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(field, f"must be true or false, not {_show(value)}")
+        return value
+
     def integer(self, field: str, value: Any, lo: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(field, f"must be a whole number, not {_show(value)}")
@@ -253,6 +259,7 @@ class _Parser:
             memory=self.size("guest.memory", g.get("memory", Guest.memory)),
             page_size=page_size,
             dirty_ring=self.integer("guest.dirty-ring", g.get("dirty-ring", Guest.dirty_ring), 0),
+            pml=self.boolean("guest.pml", g.get("pml", Guest.pml)),
             workload=workload,
             writer_rate=self.number("guest.writer-rate", g.get("writer-rate", Guest.writer_rate), 0),
             programs=tuple(self.string(f"guest.programs[{i}]", p) for i, p in enumerate(programs)),
@@ -351,7 +358,13 @@ def vm_config(g: Guest, seed: int) -> VmConfig:
         dma=g.dma,
     )
     return VmConfig(
-        vcpus=g.vcpus, memory=g.memory, page_size=g.page_size, dirty_ring=g.dirty_ring, programs=programs, dma=dma
+        vcpus=g.vcpus,
+        memory=g.memory,
+        page_size=g.page_size,
+        dirty_ring=g.dirty_ring,
+        pml=g.pml,
+        programs=programs,
+        dma=dma,
     )
 
 
@@ -365,6 +378,7 @@ def canonical(s: Scenario) -> dict[str, Any]:
         "memory": g.memory,
         "page-size": g.page_size,
         "dirty-ring": g.dirty_ring,
+        "pml": g.pml,
         "workload": g.workload,
         "writer-rate": g.writer_rate,
         "programs": list(g.programs),

@@ -113,7 +113,7 @@ class Incoming:
         try:
             h = _native.decode_handshake(payload)
             check_handshake(h)
-            guest = _native.Guest(h["pages"], h["page_size"], h["vcpus"], h["dirty_ring"])
+            guest = _native.Guest(h["pages"], h["page_size"], h["vcpus"], h["dirty_ring"], h["pml"])
             if self.mem_prealloc and not guest.prealloc():
                 raise IncomingError("cannot preallocate guest memory (mem-prealloc)")
         except (StreamError, IncomingError, ValueError) as e:
@@ -298,6 +298,7 @@ def _vm_from_device_state(guest: _native.Guest, state: dict[str, Any]) -> VM:
         memory=guest.size,
         page_size=guest.page_size,
         dirty_ring=guest.dirty_ring,
+        pml=guest.pml,
         programs=[ProgramSpec.from_native(json.loads(s)["spec"]) for s in vcpus],
         dma=ProgramSpec.from_native(json.loads(dma)["spec"]) if dma else None,
     )

@@ -529,5 +529,5 @@ class Migration:
 
 def _native_handshake(guest: Any, p: MigrationParameters) -> bytes:
     return _native.encode_handshake(
-        guest.page_size, guest.pages, guest.vcpus, guest.dirty_ring, p.channels, p.capability_bits()
+        guest.page_size, guest.pages, guest.vcpus, guest.dirty_ring, p.channels, p.capability_bits(), int(guest.pml)
     )
