@@ -64,6 +64,9 @@ def test_compare_runs_each_policy_and_writes_a_report(compared):
         assert all(v["baseline-rate"] > 0 for v in run["vcpus"])
         assert run["series"]["guest"]["t"][0] < 0 < run["series"]["guest"]["t"][-1]
         assert "sync" in run["series"]["migration"]["event"]
+        host = run["host"]
+        assert len(host["load-before"]) == len(host["load-after"]) == 3 and min(host["load-after"]) >= 0
+        assert host["steal"] is not None and 0 <= host["steal"] <= 1  # Linux: /proc/stat is there
     if dq["converged"]:
         assert dq["downtime"] is not None and dq["slowdown"]["writer"] > dq["slowdown"]["reader"]
     assert FIGURES <= {p.name for p in out.iterdir()}

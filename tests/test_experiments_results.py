@@ -45,6 +45,7 @@ def fake_run(policy: str, converged: bool, *, series: bool = True, slow: float =
         "fairness": metrics.jain([v["retained"] for v in vcpus]),
         "policy-changes": [{"t": 0.0, "policy": policy, "reason": "setup"}],
         "parameters": {"x-max-time": 2.0},
+        "host": {"load-before": [0.5, 0.4, 0.3], "load-after": [1.5, 0.7, 0.4], "steal": 0.125},
     }
     if series:
         m_t = [x for x in t if x >= 0]
@@ -145,6 +146,7 @@ def test_results_carry_what_it_takes_to_trace_and_rerun():
         (lambda d: d["runs"][1]["vcpus"][0].pop("class"), "runs[1].vcpus[0].class: missing"),
         (lambda d: d["runs"][0].update(series=[]), "runs[0].series: expected tables"),
         (lambda d: d.update(runs={}), "runs: expected a list"),
+        (lambda d: d["runs"][0]["host"].pop("steal"), "runs[0].host.steal: missing"),
     ],
 )
 def test_bad_results_name_the_field(change, message):
@@ -153,6 +155,33 @@ def test_bad_results_name_the_field(change, message):
     with pytest.raises(ResultsError) as e:
         results.validate(doc)
     assert message in str(e.value)
+
+
+STAT = """cpu  1000 20 300 8000 50 0 30 600 40 0
+cpu0 500 10 150 4000 25 0 15 300 20 0
+intr 12345
+"""
+
+
+def test_steal_is_the_share_of_cpu_time_stolen_over_the_run():
+    before = results.cpu_jiffies(STAT)
+    assert before == [1000, 20, 300, 8000, 50, 0, 30, 600, 40, 0]  # the aggregate line, not cpu0
+    after = [2000, 20, 600, 8300, 50, 0, 30, 1000, 90, 0]  # +1000 user (incl. guest), +300 sys, +300 idle, +400 steal
+    usage = results.host_usage(
+        {"load-average": [0.5, 0.4, 0.3], "jiffies": before}, {"load-average": [1.0, 0.5, 0.3], "jiffies": after}
+    )
+    assert usage == {"load-before": [0.5, 0.4, 0.3], "load-after": [1.0, 0.5, 0.3], "steal": pytest.approx(0.2)}
+    assert results.cpu_jiffies(None) is None and results.cpu_jiffies("intr 1\n") is None
+    idle = [0.0, 0.0, 0.0]
+    unknown = results.host_usage({"load-average": idle, "jiffies": None}, {"load-average": idle, "jiffies": after})
+    assert unknown["steal"] is None  # no /proc/stat: steal unknown, not zero
+
+
+def test_a_live_host_snapshot_is_in_range():
+    a = results.host_snapshot()
+    usage = results.host_usage(a, results.host_snapshot())
+    assert len(usage["load-after"]) == 3 and all(x >= 0 for x in usage["load-after"])
+    assert usage["steal"] is None or 0 <= usage["steal"] <= 1
 
 
 def test_a_sweep_needs_its_definition_and_point_indexes():
@@ -189,6 +218,18 @@ def test_sweep_points_summarise_repetitions():
     assert dq["slowdown-writer"]["min"] == pytest.approx(0.3) and dq["slowdown-writer"]["max"] == pytest.approx(0.5)
     text = report.text(fake_sweep())
     assert "0/2" in text and "1/2" in text and "+40.0 [+30.0..+50.0]" in text
+    assert dq["steal"]["median"] == pytest.approx(0.125) and "load 1m at end" in text
+
+
+def test_host_load_and_steal_stand_next_to_the_slowdowns():
+    table = report.tables_for(fake_compare())[0]
+    at = table.headers.index("readers slowdown %")
+    assert table.headers[at + 1 : at + 3] == ["load 1m", "steal %"]
+    assert [row[at + 1 : at + 3] for row in table.rows] == [["0.5→1.5", "12.5"]] * 2
+    old = fake_compare()
+    del old["runs"][0]["host"]  # saved before runs recorded it: shown as unknown, still valid
+    results.validate(old)
+    assert report.tables_for(old)[0].rows[0][at + 1 : at + 3] == ["-", "-"]
 
 
 def _check_report(out, figures: set[str]) -> str:

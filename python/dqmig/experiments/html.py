@@ -31,6 +31,9 @@ LEGEND = (
     "fairness = Jain's index over the vCPUs' retained pace (1 = all kept the same share); "
     "peak throttle = the largest share of any 1 s of the migration that one vCPU spent in throttle sleeps. "
     "Total time and downtime are QEMU's query-migrate fields. "
+    "load 1m = the host's 1-minute load average at the run's start → end (at the end in sweeps); "
+    "steal % = the share of the host's CPU time its hypervisor gave to others during the run "
+    "(/proc/stat): other load and steal slow the guest too, so read the slowdowns beside them. "
 )
 SWEEP_LEGEND = (
     "Each cell: median [min..max] over the repetitions; converged k/n; a run that did not converge "

@@ -295,10 +295,18 @@ def summarize(doc: dict[str, Any]) -> list[dict[str, Any]]:
                     "slowdown-writer": metrics.spread([r["slowdown"].get("writer") for r in runs]),
                     "slowdown-reader": metrics.spread([r["slowdown"].get("reader") for r in runs]),
                     "fairness": metrics.spread([r["fairness"] for r in runs]),
+                    "load": metrics.spread([_host(r, "load-after", 0) for r in runs]),
+                    "steal": metrics.spread([_host(r, "steal") for r in runs]),
                     "cap": _cap(runs),
                 }
             )
     return out
+
+
+def _host(run: dict[str, Any], key: str, index: int | None = None) -> float | None:
+    """A host fact of the run (None for results saved before runs recorded it)."""
+    value = (run.get("host") or {}).get(key)
+    return value[index] if index is not None and value is not None else value
 
 
 def _cap(runs: list[dict[str, Any]]) -> float | None:

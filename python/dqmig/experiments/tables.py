@@ -73,6 +73,23 @@ def spread(s: dict[str, Any], fmt: Any) -> str:
     return f"{fmt(s['median'])} [{fmt(s['min'])}..{fmt(s['max'])}]"
 
 
+def share(x: float | None) -> str:
+    """A share as an unsigned percentage (steal)."""
+    return "-" if x is None else f"{x * 100:.1f}"
+
+
+def load(run: dict[str, Any]) -> str:
+    """The host's 1-minute load average at the run's start and end ('1.2→2.0')."""
+    host = run.get("host")
+    if not host:
+        return "-"
+    return f"{host['load-before'][0]:.1f}→{host['load-after'][0]:.1f}"
+
+
+def steal(run: dict[str, Any]) -> str:
+    return share((run.get("host") or {}).get("steal"))
+
+
 def converged(run: dict[str, Any]) -> str:
     if run["converged"]:
         return "yes"
@@ -91,6 +108,8 @@ COMPARE_HEADERS = [
     "peak throttle %",
     "writers slowdown %",
     "readers slowdown %",
+    "load 1m",
+    "steal %",
     "fairness",
 ]
 
@@ -110,6 +129,8 @@ def compare_table(runs: list[dict[str, Any]]) -> Table:
                 f"{r['peak-throttle']:.0f}",
                 percent(r["slowdown"].get("writer")),
                 percent(r["slowdown"].get("reader")),
+                load(r),
+                steal(r),
                 plain(r["fairness"]),
             ]
         )
@@ -149,8 +170,10 @@ def sweep_table(points: list[dict[str, Any]], label: str) -> Table:
                 spread(p["downtime"], millis),
                 spread(p["slowdown-writer"], percent),
                 spread(p["slowdown-reader"], percent),
+                spread(p["load"], plain),
+                spread(p["steal"], share),
                 spread(p["fairness"], plain),
             ]
         )
     headers = [label, "policy", "converged", "total s", "downtime ms", "writers slowdown %", "readers slowdown %"]
-    return Table([*headers, "fairness"], rows)
+    return Table([*headers, "load 1m at end", "steal %", "fairness"], rows)
