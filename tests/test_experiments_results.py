@@ -221,6 +221,47 @@ def test_sweep_points_summarise_repetitions():
     assert dq["steal"]["median"] == pytest.approx(0.125) and "load 1m at end" in text
 
 
+def three_policies() -> dict:
+    """none fails but disturbs least; dirty-quota is fastest; auto-converge spares the writer."""
+    doc = fake_compare()
+    ac = fake_run("auto-converge", True, slow=0.1)
+    ac.update({"total-time": 6000, "downtime": 40})  # ties dirty-quota's downtime
+    doc["runs"].insert(1, ac)
+    doc["runs"][0]["slowdown"] = {"writer": -0.01, "reader": -0.02}
+    return doc
+
+
+def test_the_best_value_of_each_column_is_marked_among_converged_runs():
+    table = report.tables_for(three_policies())[0]
+    col = {h: i for i, h in enumerate(table.headers)}
+    none, ac, dq = 0, 1, 2
+    assert {(dq, col["total s"]), (ac, col["downtime ms"]), (dq, col["downtime ms"])} <= table.best
+    assert (ac, col["writers slowdown %"]) in table.best and (dq, col["writers slowdown %"]) not in table.best
+    assert not any(r == none for r, _ in table.best), "a run that did not converge is never best"
+    assert not any(c in (col["converged"], col["peak throttle %"], col["steal %"]) for _, c in table.best)
+    text = table.text().splitlines()
+    assert text[2 + dq].split()[2] == "1.8*" and text[2 + ac].split()[2] == "6.0"
+    assert text[-1] == "* best in its column among the runs that converged"
+    cells = re.findall(r"<td( class=\"best\")?>([^<]*)</td>", table.html())
+    row = cells[dq * len(table.headers) : (dq + 1) * len(table.headers)]
+    marked = [table.headers[i] for i, (best, _) in enumerate(row) if best]
+    assert marked == ["total s", "downtime ms", "sent MiB", "iters", "readers slowdown %"]  # ties are all marked
+
+
+def test_a_sweep_marks_the_best_policy_at_each_value():
+    doc = fake_sweep()
+    for r in doc["runs"]:
+        r.update(converged=True, **{"total-time": 1000 + 500 * r["point"] + (300 if r["policy"] == "none" else 0)})
+    table = report.tables_for(doc)[0]
+    total = table.headers.index("total s")
+    assert {(r, c) for r, c in table.best if c == total} == {(1, total), (3, total)}  # dirty-quota at both values
+
+
+def test_one_converged_run_is_not_the_best_of_anything():
+    table = report.tables_for(fake_compare())[0]
+    assert table.best == set() and "*" not in table.text()
+
+
 def test_host_load_and_steal_stand_next_to_the_slowdowns():
     table = report.tables_for(fake_compare())[0]
     at = table.headers.index("readers slowdown %")

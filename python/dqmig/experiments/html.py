@@ -24,6 +24,7 @@ pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 12px; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
 dt { color: #666; } dd { margin: 0; }
 .note { color: #666; font-size: 0.9em; }
+.best { font-weight: bold; background: #e2f1de; }
 """
 
 LEGEND = (
