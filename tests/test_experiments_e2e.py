@@ -36,7 +36,7 @@ baseline = 0.5
 after = 0.2
 """
 
-FIGURES = {"progress.png", "migration.png", "throttle.png"}
+FIGURES = {"summary.png", "progress.png", "migration.png", "throttle.png"}
 
 
 @pytest.fixture(scope="module")

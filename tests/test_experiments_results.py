@@ -8,9 +8,12 @@ import json
 import re
 
 import pytest
+from matplotlib import pyplot as plt
+from matplotlib.text import Text
+from PIL import Image
 
 from dqmig.cli import main
-from dqmig.experiments import metrics, report, results, scenario, sweep
+from dqmig.experiments import figures, metrics, report, results, scenario, sweep
 from dqmig.experiments.results import ResultsError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -88,10 +91,10 @@ def fake_sweep() -> dict:
     doc["sweep"] = {
         "name": "bandwidth",
         "field": "max-bandwidth",
-        "axis": "max-bandwidth (Mbit/s)",
+        "axis": "max-bandwidth (log scale)",
         "log": True,
         "values": [12_500_000, 125_000_000],
-        "x": [100.0, 1000.0],
+        "x": [11.9, 119.2],
         "labels": ["100Mbit", "1Gbit"],
         "repeat": 2,
     }
@@ -291,8 +294,14 @@ def test_report_redraws_a_compare_from_saved_json(tmp_path, capsys):
     assert main(["report", str(saved / "results.json"), "--out", str(tmp_path / "redrawn")]) == 0
     printed = capsys.readouterr().out
     assert "dirty-quota" in printed and "writers slowdown %" in printed and "fairness" in printed
-    page = _check_report(tmp_path / "redrawn", {"progress.png", "migration.png", "throttle.png", "ms-per-gib.png"})
+    drawn = {"summary.png", "progress.png", "migration.png", "throttle.png", "ms-per-gib.png"}
+    page = _check_report(tmp_path / "redrawn", drawn)
     assert "did not converge within 2 s" in page and "<table>" in page
+    first = re.search(r'<img alt="([^"]*)"', page)
+    assert first and first.group(1).startswith("Summary"), "the summary is the page's first figure"
+    assert first.start() < page.index("<h2>Results</h2>"), "...and comes before the tables"
+    with Image.open(tmp_path / "redrawn" / "summary.png") as png:
+        assert png.width == figures.WIDTH * 150  # 150 dpi
     assert scenario.loads((tmp_path / "redrawn" / "scenario.toml").read_text()) == scenario.load("default")
 
 
@@ -322,3 +331,62 @@ def test_throttle_figure_puts_each_sleep_where_it_happened():
     assert list(t) == [0.0, 0.1, 0.2, 0.3]
     assert share[:, 0] == pytest.approx([0, 0.5, 1, 1])
     assert share[:, 1] == pytest.approx([0, 0, 0, 0.5])
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+
+def _drawn(make, doc):
+    """A figure drawn as `figures.draw` draws it (style and layout applied)."""
+    with plt.rc_context(figures.STYLE):
+        fig = make(doc)
+        fig.canvas.draw()
+    return fig
+
+
+def _with_a_short_run() -> dict:
+    doc = three_policies()
+    series = doc["runs"][2]["series"]  # dirty-quota: over in a third of the time
+    for table, keep in ((series["migration"], 8), (series["guest"], 18)):
+        for key, column in table.items():
+            if isinstance(column, list):
+                table[key] = column[:keep]
+    return doc
+
+
+TIME_FIGURES = [figures.progress_figure, figures.migration_figure, figures.throttle_figure, figures.ms_per_gib_figure]
+
+
+@pytest.mark.parametrize("make", TIME_FIGURES, ids=lambda f: f.__name__)
+def test_policy_rows_share_one_time_axis_and_the_legend_stays_off_the_data(make):
+    fig = _drawn(make, _with_a_short_run())
+    assert len({ax.get_xlim() for ax in fig.axes}) == 1, "every row on the same time axis"
+    assert all(ax.get_legend() is None for ax in fig.axes), "no legend inside a panel"
+    (legend,) = fig.legends
+    box = legend.get_window_extent()
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+    assert {"switchover", "dirty sync (iteration)"} <= {t.get_text() for t in legend.get_texts()}
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("make", [figures.summary_figure, *TIME_FIGURES], ids=lambda f: f.__name__)
+def test_figure_text_is_readable_and_in_mib(make):
+    fig = _drawn(make, three_policies())
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    assert texts and min(t.get_fontsize() for t in texts) >= 10
+    labels = [ax.get_ylabel() for ax in fig.axes] + [t.get_text() for t in texts]
+    assert not [x for x in labels if re.search(r"\bMB(/s)?\b", x)], "one unit family: MiB and MiB/s"
+    plt.close(fig)
+
+
+def test_the_summary_puts_every_policy_on_one_axis():
+    doc = three_policies()
+    fig = _drawn(figures.summary_figure, doc)
+    total, downtime, pace = fig.axes[:3]
+    assert [t.get_text() for t in total.get_yticklabels()] == ["none", "auto-converge", "dirty-quota"]
+    assert total.get_ylim() == downtime.get_ylim() == pace.get_ylim()
+    bars = [b.get_width() for b in total.patches]
+    assert bars == pytest.approx([2.0, 6.0, 1.8]) and total.patches[0].get_hatch() == "//"  # none gave up
+    kept = sorted(round(b.get_width()) for b in pace.patches)
+    assert kept == sorted([101, 102, 90, 95, 50, 95])  # writers' and readers' pace kept, %
+    plt.close(fig)

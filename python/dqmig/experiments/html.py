@@ -8,6 +8,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+from dqmig.experiments.figures import SUMMARY_PNG
 from dqmig.experiments.tables import Table
 from dqmig.units import format_size
 
@@ -43,7 +44,10 @@ SWEEP_LEGEND = (
 
 
 def page(doc: dict[str, Any], tables: list[Table], figures: list[tuple[str, str]], out: Path, toml: str) -> str:
-    """The page for results `doc`; `figures` are (title, PNG file name in `out`)."""
+    """The page for results `doc`; `figures` are (title, PNG file name in `out`). The summary
+    figure comes first, before the tables: it answers the page's question at a glance."""
+    lead = [f for f in figures if f[1] == SUMMARY_PNG]
+    rest = [f for f in figures if f[1] != SUMMARY_PNG]
     scenario = doc["scenario"]
     title = f"dqmig {doc['kind']}: {scenario.get('name', 'scenario')}"
     if doc["kind"] == "sweep":
@@ -52,11 +56,12 @@ def page(doc: dict[str, Any], tables: list[Table], figures: list[tuple[str, str]
         f"<h1>{_e(title)}</h1>",
         f"<p>{_e(scenario.get('description', ''))}</p>",
         _facts(doc),
+        *(_figure(t, out / name, "h2") for t, name in lead),
         "<h2>Results</h2>",
         *(t.html() for t in tables),
         f'<p class="note">{_e(LEGEND)}{_e(SWEEP_LEGEND if doc["kind"] == "sweep" else "")}</p>',
         "<h2>Figures</h2>",
-        *(_figure(t, out / name) for t, name in figures),
+        *(_figure(t, out / name) for t, name in rest),
         _notes(doc),
         "<h2>Scenario</h2>",
         '<p class="note">Saved as scenario.toml beside this page, --set overrides included: to rerun, give '
@@ -90,9 +95,9 @@ def _facts(doc: dict[str, Any]) -> str:
     return f"<dl>{items}</dl>"
 
 
-def _figure(title: str, path: Path) -> str:
+def _figure(title: str, path: Path, heading: str = "h3") -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<h3>{_e(title)}</h3>\n<img alt="{_e(title)}" src="data:image/png;base64,{data}">'
+    return f'<{heading}>{_e(title)}</{heading}>\n<img alt="{_e(title)}" src="data:image/png;base64,{data}">'
 
 
 def _notes(doc: dict[str, Any]) -> str:

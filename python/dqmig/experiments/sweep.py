@@ -22,6 +22,7 @@ from dqmig.experiments import metrics, results, runner
 from dqmig.experiments.scenario import Scenario, ScenarioError
 from dqmig.migration.params import PARAMS, parse_bandwidth, value_of
 from dqmig.programs import classify
+from dqmig.units import MiB
 
 RATE_KINDS = ("uniform", "hot-cold", "sequential")  # writers whose pace is a steps/s rate
 
@@ -113,11 +114,11 @@ SWEEPS: dict[str, Sweep] = {
         Sweep(
             "bandwidth",
             "max-bandwidth",
-            "max-bandwidth (Mbit/s)",
+            "max-bandwidth (log scale)",  # ticks show the values as given; positions in MiB/s
             ("100Mbit", "1Gbit", "10Gbit"),
             parse_bandwidth,
             _parameter("max-bandwidth"),
-            x=lambda v: v * 8 / 1e6,
+            x=lambda v: v / MiB,
             log=True,
             help="network bandwidth, e.g. 100Mbit,1Gbit,10Gbit",
         ),
