@@ -351,6 +351,7 @@ def _with_a_short_run() -> dict:
         for key, column in table.items():
             if isinstance(column, list):
                 table[key] = column[:keep]
+    series["guest"]["progress-rate"] = [[1500.0, 4800.0]] * keep  # the last row peaks highest
     return doc
 
 
@@ -361,6 +362,9 @@ TIME_FIGURES = [figures.progress_figure, figures.migration_figure, figures.throt
 def test_policy_rows_share_one_time_axis_and_the_legend_stays_off_the_data(make):
     fig = _drawn(make, _with_a_short_run())
     assert len({ax.get_xlim() for ax in fig.axes}) == 1, "every row on the same time axis"
+    for ax in fig.axes:  # a shared y axis must show every row's data, not the first row's
+        low, high = ax.get_ylim()
+        assert ax.dataLim.ymax <= high * 1.0001 and (ax.get_yscale() == "log" or ax.dataLim.ymin >= low - 1e-9)
     assert all(ax.get_legend() is None for ax in fig.axes), "no legend inside a panel"
     (legend,) = fig.legends
     box = legend.get_window_extent()

@@ -187,9 +187,15 @@ def _event_handles() -> dict[str, Artist]:
     return handles
 
 
-def _time_axis(fig: Figure, axes: np.ndarray) -> None:
+def _time_axis(fig: Figure, axes: np.ndarray, from_zero: bool = True) -> None:
+    """Labels the shared time axis, starts each column's shared y axis at 0 (once every row
+    is drawn: a limit set earlier would freeze the top at the first rows' data), adds the
+    legend."""
     for ax in axes[-1]:
         ax.set_xlabel(TIME_AXIS)
+    if from_zero:
+        for ax in axes[0]:
+            ax.set_ylim(bottom=0)
     _legend(fig, _event_handles())
 
 
@@ -291,7 +297,6 @@ def progress_figure(doc: dict[str, Any]) -> Figure | None:
         _title(ax, run)
         ax.axhline(100, color="0.6", lw=0.8)  # the pace before migration
         ax.set_ylabel("% of baseline")
-        ax.set_ylim(bottom=0)
     _time_axis(fig, axes)
     return fig
 
@@ -310,7 +315,7 @@ def ms_per_gib_figure(doc: dict[str, Any]) -> Figure | None:
         _title(ax, run)
         ax.set_ylabel("ms / GiB")
         ax.set_yscale("log")
-    _time_axis(fig, axes)
+    _time_axis(fig, axes, from_zero=False)
     return fig
 
 
@@ -332,7 +337,6 @@ def migration_figure(doc: dict[str, Any]) -> Figure | None:
         right.set_ylabel("MiB/s")
         for ax in (left, right):
             _mark(ax, run)
-            ax.set_ylim(bottom=0)
         _title(left, run)
     _time_axis(fig, axes)
     return fig
@@ -357,7 +361,7 @@ def throttle_figure(doc: dict[str, Any]) -> Figure | None:
         _policy_signal(ax, run)
         _mark(ax, run)
         _title(ax, run)
-    _time_axis(fig, axes)
+    _time_axis(fig, axes, from_zero=False)
     return fig
 
 
