@@ -394,3 +394,19 @@ def test_the_summary_puts_every_policy_on_one_axis():
     kept = sorted(round(b.get_width()) for b in pace.patches)
     assert kept == sorted([101, 102, 90, 95, 50, 95])  # writers' and readers' pace kept, %
     plt.close(fig)
+
+
+def test_many_vcpus_get_one_legend_entry_per_class():
+    doc = fake_compare()
+    for run in doc["runs"]:
+        writer, reader = run["vcpus"]
+        run["vcpus"] = [writer] + [{**reader, "name": f"vcpu{i}"} for i in range(1, 12)]
+        for table in ("progress-rate", "dirty-rate", "sleep-share", "ms-per-gib"):
+            g = run["series"]["guest"]
+            g[table] = [row[:1] + row[1:] * 11 for row in g[table]]
+        m = run["series"]["migration"]
+        m["dirty-limit-sleep-us"] = [None] * len(m["t"])
+    fig = _drawn(figures.progress_figure, doc)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[:2] == ["vcpu0 (writer, uniform)", "readers (11 vCPUs)"]
+    plt.close(fig)

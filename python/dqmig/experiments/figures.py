@@ -52,6 +52,8 @@ CLASS_MAPS = {"writer": "Reds", "reader": "Blues", "idle": "Greys", "device": "P
 CLASS_ORDER = ("writer", "reader", "device")  # the summary's pace bars; idle vCPUs have no pace
 POLICY_COLORS = {"none": "tab:gray", "auto-converge": "tab:red", "dirty-limit": "tab:orange", "dirty-quota": "tab:blue"}
 SUMMARY_PNG = "summary.png"
+BEFORE = {"color": "k", "ls": "--", "lw": 0.8}  # the summary's 100 % line
+LABEL_BOX = {"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none"}  # legible over lines
 TIME_AXIS = "time since migration start (s)"
 
 
@@ -113,13 +115,15 @@ def _class_colors(vcpus: list[dict[str, Any]]) -> list[Any]:
 
 
 def _vcpu_labels(vcpus: list[dict[str, Any]], suffix: str = "") -> list[str]:
-    """Legend labels: each vCPU by name, or with many vCPUs one entry per class."""
-    if len(vcpus) <= LEGEND_VCPUS:
-        return [f"{v['name']} ({v['class']}, {v.get('program', '?')}){suffix}" for v in vcpus]
+    """Legend labels: each vCPU by name, or with many vCPUs one entry per class (a class of
+    one still by name)."""
     labels, seen = [], set()
     for v in vcpus:
         n = sum(w["class"] == v["class"] for w in vcpus)
-        labels.append("_nolegend_" if v["class"] in seen else f"{v['class']}s ({n} vCPUs){suffix}")
+        if len(vcpus) <= LEGEND_VCPUS or n == 1:
+            labels.append(f"{v['name']} ({v['class']}, {v.get('program', '?')}){suffix}")
+        else:
+            labels.append("_nolegend_" if v["class"] in seen else f"{v['class']}s ({n} vCPUs){suffix}")
         seen.add(v["class"])
     return labels
 
@@ -220,8 +224,11 @@ def summary_figure(doc: dict[str, Any]) -> Figure | None:
         ax.grid(axis="x", alpha=0.3)
         ax.set_axisbelow(True)
     fig.suptitle("Which migrates fastest and hurts the guest least?", x=0.01, ha="left")
-    hollow = Patch(facecolor="white", edgecolor="0.3", hatch="//")
-    _legend(fig, {"did not converge (time it was given)": hollow}, loc="outside lower center", ncols=4)
+    extra = {
+        "did not converge (time it was given)": Patch(facecolor="white", edgecolor="0.3", hatch="//"),
+        "pace before migration": Line2D([], [], **BEFORE),
+    }
+    _legend(fig, extra, loc="outside lower center", ncols=3)
     return fig
 
 
@@ -263,8 +270,8 @@ def _pace_panel(ax: Axes, runs: list[dict[str, Any]], y: np.ndarray) -> None:
         at = y - 0.4 + height * (j + 0.5)
         color = plt.get_cmap(CLASS_MAPS[cls])(0.7)
         bars = ax.barh(at, np.nan_to_num(kept), height=height, color=color, label=f"{cls}s' pace kept")
-        ax.bar_label(bars, ["" if np.isnan(x) else f"{x:.0f}" for x in kept], padding=3)
-    ax.axvline(100, color="k", ls="--", lw=0.8, label="pace before migration")
+        ax.bar_label(bars, ["" if np.isnan(x) else f"{x:.0f}" for x in kept], padding=3, bbox=LABEL_BOX)
+    ax.axvline(100, zorder=0.9, **BEFORE)  # behind the bars and their labels
     ax.set_title("guest pace kept (% of before)", loc="left")
     ax.set_xlim(0, max(120, *(125 * (1 - s) for r in runs for s in r["slowdown"].values())))
 
