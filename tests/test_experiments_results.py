@@ -8,9 +8,12 @@ import json
 import re
 
 import pytest
+from matplotlib import pyplot as plt
+from matplotlib.text import Text
+from PIL import Image
 
 from dqmig.cli import main
-from dqmig.experiments import metrics, report, results, scenario, sweep
+from dqmig.experiments import figures, metrics, report, results, scenario, sweep
 from dqmig.experiments.results import ResultsError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -45,6 +48,7 @@ def fake_run(policy: str, converged: bool, *, series: bool = True, slow: float =
         "fairness": metrics.jain([v["retained"] for v in vcpus]),
         "policy-changes": [{"t": 0.0, "policy": policy, "reason": "setup"}],
         "parameters": {"x-max-time": 2.0},
+        "host": {"load-before": [0.5, 0.4, 0.3], "load-after": [1.5, 0.7, 0.4], "steal": 0.125},
     }
     if series:
         m_t = [x for x in t if x >= 0]
@@ -87,10 +91,10 @@ def fake_sweep() -> dict:
     doc["sweep"] = {
         "name": "bandwidth",
         "field": "max-bandwidth",
-        "axis": "max-bandwidth (Mbit/s)",
+        "axis": "max-bandwidth (log scale)",
         "log": True,
         "values": [12_500_000, 125_000_000],
-        "x": [100.0, 1000.0],
+        "x": [11.9, 119.2],
         "labels": ["100Mbit", "1Gbit"],
         "repeat": 2,
     }
@@ -158,6 +162,7 @@ def test_results_carry_what_it_takes_to_trace_and_rerun():
         (lambda d: d["runs"][1]["vcpus"][0].pop("class"), "runs[1].vcpus[0].class: missing"),
         (lambda d: d["runs"][0].update(series=[]), "runs[0].series: expected tables"),
         (lambda d: d.update(runs={}), "runs: expected a list"),
+        (lambda d: d["runs"][0]["host"].pop("steal"), "runs[0].host.steal: missing"),
     ],
 )
 def test_bad_results_name_the_field(change, message):
@@ -166,6 +171,33 @@ def test_bad_results_name_the_field(change, message):
     with pytest.raises(ResultsError) as e:
         results.validate(doc)
     assert message in str(e.value)
+
+
+STAT = """cpu  1000 20 300 8000 50 0 30 600 40 0
+cpu0 500 10 150 4000 25 0 15 300 20 0
+intr 12345
+"""
+
+
+def test_steal_is_the_share_of_cpu_time_stolen_over_the_run():
+    before = results.cpu_jiffies(STAT)
+    assert before == [1000, 20, 300, 8000, 50, 0, 30, 600, 40, 0]  # the aggregate line, not cpu0
+    after = [2000, 20, 600, 8300, 50, 0, 30, 1000, 90, 0]  # +1000 user (incl. guest), +300 sys, +300 idle, +400 steal
+    usage = results.host_usage(
+        {"load-average": [0.5, 0.4, 0.3], "jiffies": before}, {"load-average": [1.0, 0.5, 0.3], "jiffies": after}
+    )
+    assert usage == {"load-before": [0.5, 0.4, 0.3], "load-after": [1.0, 0.5, 0.3], "steal": pytest.approx(0.2)}
+    assert results.cpu_jiffies(None) is None and results.cpu_jiffies("intr 1\n") is None
+    idle = [0.0, 0.0, 0.0]
+    unknown = results.host_usage({"load-average": idle, "jiffies": None}, {"load-average": idle, "jiffies": after})
+    assert unknown["steal"] is None  # no /proc/stat: steal unknown, not zero
+
+
+def test_a_live_host_snapshot_is_in_range():
+    a = results.host_snapshot()
+    usage = results.host_usage(a, results.host_snapshot())
+    assert len(usage["load-after"]) == 3 and all(x >= 0 for x in usage["load-after"])
+    assert usage["steal"] is None or 0 <= usage["steal"] <= 1
 
 
 def test_a_sweep_needs_its_definition_and_point_indexes():
@@ -202,6 +234,59 @@ def test_sweep_points_summarise_repetitions():
     assert dq["slowdown-writer"]["min"] == pytest.approx(0.3) and dq["slowdown-writer"]["max"] == pytest.approx(0.5)
     text = report.text(fake_sweep())
     assert "0/2" in text and "1/2" in text and "+40.0 [+30.0..+50.0]" in text
+    assert dq["steal"]["median"] == pytest.approx(0.125) and "load 1m at end" in text
+
+
+def three_policies() -> dict:
+    """none fails but disturbs least; dirty-quota is fastest; auto-converge spares the writer."""
+    doc = fake_compare()
+    ac = fake_run("auto-converge", True, slow=0.1)
+    ac.update({"total-time": 6000, "downtime": 40})  # ties dirty-quota's downtime
+    doc["runs"].insert(1, ac)
+    doc["runs"][0]["slowdown"] = {"writer": -0.01, "reader": -0.02}
+    return doc
+
+
+def test_the_best_value_of_each_column_is_marked_among_converged_runs():
+    table = report.tables_for(three_policies())[0]
+    col = {h: i for i, h in enumerate(table.headers)}
+    none, ac, dq = 0, 1, 2
+    assert {(dq, col["total s"]), (ac, col["downtime ms"]), (dq, col["downtime ms"])} <= table.best
+    assert (ac, col["writers slowdown %"]) in table.best and (dq, col["writers slowdown %"]) not in table.best
+    assert not any(r == none for r, _ in table.best), "a run that did not converge is never best"
+    assert not any(c in (col["converged"], col["peak throttle %"], col["steal %"]) for _, c in table.best)
+    text = table.text().splitlines()
+    assert text[2 + dq].split()[2] == "1.8*" and text[2 + ac].split()[2] == "6.0"
+    assert text[-1] == "* best in its column among the runs that converged"
+    cells = re.findall(r"<td( class=\"best\")?>([^<]*)</td>", table.html())
+    row = cells[dq * len(table.headers) : (dq + 1) * len(table.headers)]
+    marked = [table.headers[i] for i, (best, _) in enumerate(row) if best]
+    assert marked == ["total s", "downtime ms", "sent MiB", "iters", "readers slowdown %"]  # ties are all marked
+
+
+def test_a_sweep_marks_the_best_policy_at_each_value():
+    doc = fake_sweep()
+    for r in doc["runs"]:
+        r.update(converged=True, **{"total-time": 1000 + 500 * r["point"] + (300 if r["policy"] == "none" else 0)})
+    table = report.tables_for(doc)[0]
+    total = table.headers.index("total s")
+    assert {(r, c) for r, c in table.best if c == total} == {(1, total), (3, total)}  # dirty-quota at both values
+
+
+def test_one_converged_run_is_not_the_best_of_anything():
+    table = report.tables_for(fake_compare())[0]
+    assert table.best == set() and "*" not in table.text()
+
+
+def test_host_load_and_steal_stand_next_to_the_slowdowns():
+    table = report.tables_for(fake_compare())[0]
+    at = table.headers.index("readers slowdown %")
+    assert table.headers[at + 1 : at + 3] == ["load 1m", "steal %"]
+    assert [row[at + 1 : at + 3] for row in table.rows] == [["0.5→1.5", "12.5"]] * 2
+    old = fake_compare()
+    del old["runs"][0]["host"]  # saved before runs recorded it: shown as unknown, still valid
+    results.validate(old)
+    assert report.tables_for(old)[0].rows[0][at + 1 : at + 3] == ["-", "-"]
 
 
 def _check_report(out, figures: set[str]) -> str:
@@ -222,8 +307,14 @@ def test_report_redraws_a_compare_from_saved_json(tmp_path, capsys):
     assert main(["report", str(saved / "results.json"), "--out", str(tmp_path / "redrawn")]) == 0
     printed = capsys.readouterr().out
     assert "dirty-quota" in printed and "writers slowdown %" in printed and "fairness" in printed
-    page = _check_report(tmp_path / "redrawn", {"progress.png", "migration.png", "throttle.png", "ms-per-gib.png"})
+    drawn = {"summary.png", "progress.png", "migration.png", "throttle.png", "ms-per-gib.png"}
+    page = _check_report(tmp_path / "redrawn", drawn)
     assert "did not converge within 2 s" in page and "<table>" in page
+    first = re.search(r'<img alt="([^"]*)"', page)
+    assert first and first.group(1).startswith("Summary"), "the summary is the page's first figure"
+    assert first.start() < page.index("<h2>Results</h2>"), "...and comes before the tables"
+    with Image.open(tmp_path / "redrawn" / "summary.png") as png:
+        assert png.width == figures.WIDTH * 150  # 150 dpi
     assert scenario.loads((tmp_path / "redrawn" / "scenario.toml").read_text()) == scenario.load("default")
 
 
@@ -253,3 +344,82 @@ def test_throttle_figure_puts_each_sleep_where_it_happened():
     assert list(t) == [0.0, 0.1, 0.2, 0.3]
     assert share[:, 0] == pytest.approx([0, 0.5, 1, 1])
     assert share[:, 1] == pytest.approx([0, 0, 0, 0.5])
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+
+def _drawn(make, doc):
+    """A figure drawn as `figures.draw` draws it (style and layout applied)."""
+    with plt.rc_context(figures.STYLE):
+        fig = make(doc)
+        fig.canvas.draw()
+    return fig
+
+
+def _with_a_short_run() -> dict:
+    doc = three_policies()
+    series = doc["runs"][2]["series"]  # dirty-quota: over in a third of the time
+    for table, keep in ((series["migration"], 8), (series["guest"], 18)):
+        for key, column in table.items():
+            if isinstance(column, list):
+                table[key] = column[:keep]
+    series["guest"]["progress-rate"] = [[1500.0, 4800.0]] * keep  # the last row peaks highest
+    return doc
+
+
+TIME_FIGURES = [figures.progress_figure, figures.migration_figure, figures.throttle_figure, figures.ms_per_gib_figure]
+
+
+@pytest.mark.parametrize("make", TIME_FIGURES, ids=lambda f: f.__name__)
+def test_policy_rows_share_one_time_axis_and_the_legend_stays_off_the_data(make):
+    fig = _drawn(make, _with_a_short_run())
+    assert len({ax.get_xlim() for ax in fig.axes}) == 1, "every row on the same time axis"
+    for ax in fig.axes:  # a shared y axis must show every row's data, not the first row's
+        low, high = ax.get_ylim()
+        assert ax.dataLim.ymax <= high * 1.0001 and (ax.get_yscale() == "log" or ax.dataLim.ymin >= low - 1e-9)
+    assert all(ax.get_legend() is None for ax in fig.axes), "no legend inside a panel"
+    (legend,) = fig.legends
+    box = legend.get_window_extent()
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes)
+    assert {"switchover", "dirty sync (iteration)"} <= {t.get_text() for t in legend.get_texts()}
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("make", [figures.summary_figure, *TIME_FIGURES], ids=lambda f: f.__name__)
+def test_figure_text_is_readable_and_in_mib(make):
+    fig = _drawn(make, three_policies())
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    assert texts and min(t.get_fontsize() for t in texts) >= 10
+    labels = [ax.get_ylabel() for ax in fig.axes] + [t.get_text() for t in texts]
+    assert not [x for x in labels if re.search(r"\bMB(/s)?\b", x)], "one unit family: MiB and MiB/s"
+    plt.close(fig)
+
+
+def test_the_summary_puts_every_policy_on_one_axis():
+    doc = three_policies()
+    fig = _drawn(figures.summary_figure, doc)
+    total, downtime, pace = fig.axes[:3]
+    assert [t.get_text() for t in total.get_yticklabels()] == ["none", "auto-converge", "dirty-quota"]
+    assert total.get_ylim() == downtime.get_ylim() == pace.get_ylim()
+    bars = [b.get_width() for b in total.patches]
+    assert bars == pytest.approx([2.0, 6.0, 1.8]) and total.patches[0].get_hatch() == "//"  # none gave up
+    kept = sorted(round(b.get_width()) for b in pace.patches)
+    assert kept == sorted([101, 102, 90, 95, 50, 95])  # writers' and readers' pace kept, %
+    plt.close(fig)
+
+
+def test_many_vcpus_get_one_legend_entry_per_class():
+    doc = fake_compare()
+    for run in doc["runs"]:
+        writer, reader = run["vcpus"]
+        run["vcpus"] = [writer] + [{**reader, "name": f"vcpu{i}"} for i in range(1, 12)]
+        for table in ("progress-rate", "dirty-rate", "sleep-share", "ms-per-gib"):
+            g = run["series"]["guest"]
+            g[table] = [row[:1] + row[1:] * 11 for row in g[table]]
+        m = run["series"]["migration"]
+        m["dirty-limit-sleep-us"] = [None] * len(m["t"])
+    fig = _drawn(figures.progress_figure, doc)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[:2] == ["vcpu0 (writer, uniform)", "readers (11 vCPUs)"]
+    plt.close(fig)

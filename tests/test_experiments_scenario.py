@@ -3,6 +3,9 @@ file and the field; overrides (sweeps, --set) are validated like files."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from dqmig.experiments import scenario, sweep
@@ -29,6 +32,20 @@ def test_builtin_scenarios_load_and_round_trip(name):
     s = scenario.load(name)
     assert s.name == name
     assert scenario.loads(s.to_toml(), "again.toml") == s
+
+
+REPO = Path(__file__).resolve().parents[1]
+BUILTIN = REPO / "python" / "dqmig" / "experiments" / "scenarios"
+FILE_REF = re.compile(r"[\w./~-]*\w\.(?:md|toml|json|py|txt|rst|csv)\b")
+
+
+@pytest.mark.parametrize("name", scenario.builtin_names())
+def test_builtin_scenarios_refer_only_to_files_in_the_repository(name):
+    text = (BUILTIN / f"{name}.toml").read_text()
+    assert scenario.loads(text) == scenario.load(name), "the package's copy is this file"
+    for ref in FILE_REF.findall(text):
+        assert not ref.startswith(("/", "~", "..")), f"{name}.toml names {ref}, outside the repository"
+        assert (REPO / ref).is_file() or (BUILTIN / ref).is_file(), f"{name}.toml names {ref}, not in the repository"
 
 
 def test_default_scenario_is_the_one_without_a_name():

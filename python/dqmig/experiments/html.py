@@ -8,6 +8,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+from dqmig.experiments.figures import SUMMARY_PNG
 from dqmig.experiments.tables import Table
 from dqmig.units import format_size
 
@@ -24,6 +25,7 @@ pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 12px; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
 dt { color: #666; } dd { margin: 0; }
 .note { color: #666; font-size: 0.9em; }
+.best { font-weight: bold; background: #e2f1de; }
 """
 
 LEGEND = (
@@ -31,6 +33,9 @@ LEGEND = (
     "fairness = Jain's index over the vCPUs' retained pace (1 = all kept the same share); "
     "peak throttle = the largest share of any 1 s of the migration that one vCPU spent in throttle sleeps. "
     "Total time and downtime are QEMU's query-migrate fields. "
+    "load 1m = the host's 1-minute load average at the run's start → end (at the end in sweeps); "
+    "steal % = the share of the host's CPU time its hypervisor gave to others during the run "
+    "(/proc/stat): other load and steal slow the guest too, so read the slowdowns beside them. "
 )
 SWEEP_LEGEND = (
     "Each cell: median [min..max] over the repetitions; converged k/n; a run that did not converge "
@@ -39,7 +44,10 @@ SWEEP_LEGEND = (
 
 
 def page(doc: dict[str, Any], tables: list[Table], figures: list[tuple[str, str]], out: Path, toml: str) -> str:
-    """The page for results `doc`; `figures` are (title, PNG file name in `out`)."""
+    """The page for results `doc`; `figures` are (title, PNG file name in `out`). The summary
+    figure comes first, before the tables: it answers the page's question at a glance."""
+    lead = [f for f in figures if f[1] == SUMMARY_PNG]
+    rest = [f for f in figures if f[1] != SUMMARY_PNG]
     scenario = doc["scenario"]
     title = f"dqmig {doc['kind']}: {scenario.get('name', 'scenario')}"
     if doc["kind"] == "sweep":
@@ -48,11 +56,12 @@ def page(doc: dict[str, Any], tables: list[Table], figures: list[tuple[str, str]
         f"<h1>{_e(title)}</h1>",
         f"<p>{_e(scenario.get('description', ''))}</p>",
         _facts(doc),
+        *(_figure(t, out / name, "h2") for t, name in lead),
         "<h2>Results</h2>",
         *(t.html() for t in tables),
         f'<p class="note">{_e(LEGEND)}{_e(SWEEP_LEGEND if doc["kind"] == "sweep" else "")}</p>',
         "<h2>Figures</h2>",
-        *(_figure(t, out / name) for t, name in figures),
+        *(_figure(t, out / name) for t, name in rest),
         _notes(doc),
         "<h2>Scenario</h2>",
         '<p class="note">Saved as scenario.toml beside this page, --set overrides included: to rerun, give '
@@ -86,9 +95,9 @@ def _facts(doc: dict[str, Any]) -> str:
     return f"<dl>{items}</dl>"
 
 
-def _figure(title: str, path: Path) -> str:
+def _figure(title: str, path: Path, heading: str = "h3") -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<h3>{_e(title)}</h3>\n<img alt="{_e(title)}" src="data:image/png;base64,{data}">'
+    return f'<{heading}>{_e(title)}</{heading}>\n<img alt="{_e(title)}" src="data:image/png;base64,{data}">'
 
 
 def _notes(doc: dict[str, Any]) -> str:

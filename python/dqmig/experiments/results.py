@@ -2,7 +2,8 @@
 
 A results file carries the scenario (in its TOML layout, so it can be rerun), the dqmig
 version, the git commit when dqmig runs from a checkout, the command line and the machine's
-facts (CPUs, memory, Python, platform, load), then one entry per run. `validate` checks the
+facts (CPUs, memory, Python, platform, load), then one entry per run, each with the host's
+load and steal time over that run (`host_snapshot`, `host_usage`). `validate` checks the
 shape a report needs and names the first field that is wrong.
 """
 
@@ -22,6 +23,8 @@ from dqmig.migration.destination import host_memory
 SCHEMA = "dqmig-results/1"
 KINDS = ("compare", "sweep")
 GIT_TIMEOUT_S = 5.0
+PROC_STAT = Path("/proc/stat")
+STEAL = 7  # index of steal in /proc/stat's cpu line (user nice system idle iowait irq softirq steal)
 
 
 class ResultsError(ValueError):
@@ -59,6 +62,42 @@ def machine_facts() -> dict[str, Any]:
         except ImportError:
             facts[module] = None
     return facts
+
+
+def host_snapshot() -> dict[str, Any]:
+    """The host's load averages and its total CPU jiffies now, to compare with a later one."""
+    return {"load-average": list(os.getloadavg()), "jiffies": cpu_jiffies(_read(PROC_STAT))}
+
+
+def host_usage(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Load at both ends of a run and the share of CPU time the hypervisor stole in between.
+
+    On a virtualized host, steal is time a vCPU of this machine was runnable but not run: it
+    slows the guest programs whose pace a run measures, so it belongs next to the slowdowns."""
+    a, b = before["jiffies"], after["jiffies"]
+    steal = None
+    if a and b and sum(b[: STEAL + 1]) > sum(a[: STEAL + 1]):
+        steal = (b[STEAL] - a[STEAL]) / (sum(b[: STEAL + 1]) - sum(a[: STEAL + 1]))
+    return {"load-before": before["load-average"], "load-after": after["load-average"], "steal": steal}
+
+
+def cpu_jiffies(stat: str | None) -> list[int] | None:
+    """The aggregate `cpu` line of /proc/stat as numbers (None where there is none).
+
+    Guest and guest_nice (after steal) are already counted in user and nice, so totals use
+    the first eight values only."""
+    for line in (stat or "").splitlines():
+        name, *values = line.split()
+        if name == "cpu" and len(values) > STEAL:
+            return [int(v) for v in values]
+    return None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def git_facts() -> dict[str, Any] | None:
@@ -146,6 +185,7 @@ VCPU: dict[str, tuple[type, ...]] = {
     "retained": OPTIONAL_NUMBER,
     "slowdown": OPTIONAL_NUMBER,
 }
+HOST = {"load-before": (list,), "load-after": (list,), "steal": OPTIONAL_NUMBER}
 SWEEP = {"name": (str,), "field": (str,), "values": (list,), "labels": (list,), "repeat": (int,)}
 SERIES = ("guest", "migration")
 
@@ -167,6 +207,8 @@ def validate(data: Any) -> None:
             raise ResultsError(f"{where}point: expected the index of the sweep value")
         for j, v in enumerate(run["vcpus"]):
             _fields(v, VCPU, f"{where}vcpus[{j}].")
+        if "host" in run:  # results saved before runs recorded it have none
+            _fields(run["host"], HOST, f"{where}host.")
         if "series" in run:
             series = run["series"]
             if not isinstance(series, dict) or any(not isinstance(series.get(k), dict) for k in SERIES):

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from dqmig.experiments import metrics
+from dqmig.experiments import metrics, results
 from dqmig.experiments.scenario import Scenario
 from dqmig.migration.local import LocalDestination
 from dqmig.migration.source import Migration
@@ -40,6 +40,7 @@ def run(scenario: Scenario, policy: str, *, seed: int | None = None, keep_series
     """Migrates the scenario's guest under `policy`; returns the measured result."""
     seed = scenario.seed if seed is None else seed
     params = scenario.migration_parameters(policy)
+    host = results.host_snapshot()  # the baseline and the migration both count
     vm = VM(scenario.vm_config(seed))
     dest = LocalDestination.start(scenario.after)
     try:
@@ -59,6 +60,7 @@ def run(scenario: Scenario, policy: str, *, seed: int | None = None, keep_series
         dest.kill()
     result = _result(scenario, policy, seed, vm, m, baseline, before)
     result["destination"] = _destination(dest_report)
+    result["host"] = results.host_usage(host, results.host_snapshot())
     if keep_series:
         result["series"] = {
             "guest": _guest_series(guest_samples, t_sampler - m.t_start, m.total_time),

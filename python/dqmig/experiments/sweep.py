@@ -22,6 +22,7 @@ from dqmig.experiments import metrics, results, runner
 from dqmig.experiments.scenario import Scenario, ScenarioError
 from dqmig.migration.params import PARAMS, parse_bandwidth, value_of
 from dqmig.programs import classify
+from dqmig.units import MiB
 
 RATE_KINDS = ("uniform", "hot-cold", "sequential")  # writers whose pace is a steps/s rate
 
@@ -113,11 +114,11 @@ SWEEPS: dict[str, Sweep] = {
         Sweep(
             "bandwidth",
             "max-bandwidth",
-            "max-bandwidth (Mbit/s)",
+            "max-bandwidth (log scale)",  # ticks show the values as given; positions in MiB/s
             ("100Mbit", "1Gbit", "10Gbit"),
             parse_bandwidth,
             _parameter("max-bandwidth"),
-            x=lambda v: v * 8 / 1e6,
+            x=lambda v: v / MiB,
             log=True,
             help="network bandwidth, e.g. 100Mbit,1Gbit,10Gbit",
         ),
@@ -295,10 +296,18 @@ def summarize(doc: dict[str, Any]) -> list[dict[str, Any]]:
                     "slowdown-writer": metrics.spread([r["slowdown"].get("writer") for r in runs]),
                     "slowdown-reader": metrics.spread([r["slowdown"].get("reader") for r in runs]),
                     "fairness": metrics.spread([r["fairness"] for r in runs]),
+                    "load": metrics.spread([_host(r, "load-after", 0) for r in runs]),
+                    "steal": metrics.spread([_host(r, "steal") for r in runs]),
                     "cap": _cap(runs),
                 }
             )
     return out
+
+
+def _host(run: dict[str, Any], key: str, index: int | None = None) -> float | None:
+    """A host fact of the run (None for results saved before runs recorded it)."""
+    value = (run.get("host") or {}).get(key)
+    return value[index] if index is not None and value is not None else value
 
 
 def _cap(runs: list[dict[str, Any]]) -> float | None:
