@@ -254,7 +254,7 @@ def test_the_best_value_of_each_column_is_marked_among_converged_runs():
     assert {(dq, col["total s"]), (ac, col["downtime ms"]), (dq, col["downtime ms"])} <= table.best
     assert (ac, col["writers slowdown %"]) in table.best and (dq, col["writers slowdown %"]) not in table.best
     assert not any(r == none for r, _ in table.best), "a run that did not converge is never best"
-    assert not any(c in (col["converged"], col["peak throttle %"], col["steal %"]) for _, c in table.best)
+    assert not any(c in (col["converged"], col["peak throttle %"], col["host steal %"]) for _, c in table.best)
     text = table.text().splitlines()
     assert text[2 + dq].split()[2] == "1.8*" and text[2 + ac].split()[2] == "6.0"
     assert text[-1] == "* best in its column among the runs that converged"
@@ -281,12 +281,12 @@ def test_one_converged_run_is_not_the_best_of_anything():
 def test_host_load_and_steal_stand_next_to_the_slowdowns():
     table = report.tables_for(fake_compare())[0]
     at = table.headers.index("readers slowdown %")
-    assert table.headers[at + 1 : at + 3] == ["load 1m", "steal %"]
-    assert [row[at + 1 : at + 3] for row in table.rows] == [["0.5→1.5", "12.5"]] * 2
+    assert table.headers[at + 1 : at + 5] == ["writers net %", "readers net %", "load 1m", "host steal %"]
+    assert [row[at + 3 : at + 5] for row in table.rows] == [["0.5→1.5", "12.5"]] * 2
     old = fake_compare()
     del old["runs"][0]["host"]  # saved before runs recorded it: shown as unknown, still valid
     results.validate(old)
-    assert report.tables_for(old)[0].rows[0][at + 1 : at + 3] == ["-", "-"]
+    assert report.tables_for(old)[0].rows[0][at + 3 : at + 5] == ["-", "-"]
 
 
 def _check_report(out, figures: set[str]) -> str:

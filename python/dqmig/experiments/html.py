@@ -30,11 +30,15 @@ dt { color: #666; } dd { margin: 0; }
 
 LEGEND = (
     "slowdown = 1 - (a vCPU's pace during migration / its pace before), averaged per class; "
+    "net = the same with pace counted per second the vCPU was not descheduled (running, in a throttle "
+    "sleep or halted; the rest is its steal: the migration thread, the destination and other jobs took "
+    "the core), which shows what the policy took rather than what the shared host did; "
     "fairness = Jain's index over the vCPUs' retained pace (1 = all kept the same share); "
     "peak throttle = the largest share of any 1 s of the migration that one vCPU spent in throttle sleeps. "
-    "Total time and downtime are QEMU's query-migrate fields. "
+    "Total time and downtime are QEMU's query-migrate fields: downtime runs from the stop to the last "
+    "byte sent (dqmig's digest check and the resume come after it, in x-blackout-time). "
     "load 1m = the host's 1-minute load average at the run's start → end (at the end in sweeps); "
-    "steal % = the share of the host's CPU time its hypervisor gave to others during the run "
+    "host steal % = the share of the host's CPU time its hypervisor gave to others during the run "
     "(/proc/stat): other load and steal slow the guest too, so read the slowdowns beside them. "
 )
 SWEEP_LEGEND = (

@@ -295,6 +295,8 @@ def summarize(doc: dict[str, Any]) -> list[dict[str, Any]]:
                     "downtime": metrics.spread([r["downtime"] for r in runs]),
                     "slowdown-writer": metrics.spread([r["slowdown"].get("writer") for r in runs]),
                     "slowdown-reader": metrics.spread([r["slowdown"].get("reader") for r in runs]),
+                    "net-slowdown-writer": metrics.spread([r.get("net-slowdown", {}).get("writer") for r in runs]),
+                    "net-slowdown-reader": metrics.spread([r.get("net-slowdown", {}).get("reader") for r in runs]),
                     "fairness": metrics.spread([r["fairness"] for r in runs]),
                     "load": metrics.spread([_host(r, "load-after", 0) for r in runs]),
                     "steal": metrics.spread([_host(r, "steal") for r in runs]),

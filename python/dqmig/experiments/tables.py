@@ -166,8 +166,10 @@ COMPARE_HEADERS = [
     "peak throttle %",
     "writers slowdown %",
     "readers slowdown %",
+    "writers net %",
+    "readers net %",
     "load 1m",
-    "steal %",
+    "host steal %",
     "fairness",
 ]
 COMPARE_BEST = {
@@ -177,6 +179,8 @@ COMPARE_BEST = {
     "iters": "min",
     "writers slowdown %": "min",
     "readers slowdown %": "min",
+    "writers net %": "min",
+    "readers net %": "min",
     "fairness": "max",
 }
 SWEEP_BEST = {k: v for k, v in COMPARE_BEST.items() if k not in ("sent MiB", "iters")}  # columns a sweep has
@@ -197,6 +201,8 @@ def compare_table(runs: list[dict[str, Any]]) -> Table:
                 f"{r['peak-throttle']:.0f}",
                 percent(r["slowdown"].get("writer")),
                 percent(r["slowdown"].get("reader")),
+                percent(r.get("net-slowdown", {}).get("writer")),
+                percent(r.get("net-slowdown", {}).get("reader")),
                 load(r),
                 steal(r),
                 plain(r["fairness"]),
@@ -219,10 +225,13 @@ def vcpu_table(runs: list[dict[str, Any]]) -> Table:
                     f"{v['baseline-rate']:,.0f}",
                     f"{v['migration-rate']:,.0f}",
                     percent(v["slowdown"]),
+                    percent(v.get("net-slowdown")),
+                    share(v.get("steal")),
                     f"{v.get('sleep', 0):.2f}",
                 ]
             )
-    headers = ["policy", "vCPU", "class", "steps/s before", "steps/s during", "slowdown %", "slept s"]
+    headers = ["policy", "vCPU", "class", "steps/s before", "steps/s during", "slowdown %", "net %", "steal %"]
+    headers += ["slept s"]
     return Table(headers, rows)
 
 
@@ -239,13 +248,15 @@ def sweep_table(points: list[dict[str, Any]], label: str) -> Table:
                 spread(p["downtime"], millis),
                 spread(p["slowdown-writer"], percent),
                 spread(p["slowdown-reader"], percent),
+                spread(p["net-slowdown-writer"], percent),
+                spread(p["net-slowdown-reader"], percent),
                 spread(p["load"], plain),
                 spread(p["steal"], share),
                 spread(p["fairness"], plain),
             ]
         )
     headers = [label, "policy", "converged", "total s", "downtime ms", "writers slowdown %", "readers slowdown %"]
-    headers += ["load 1m at end", "steal %", "fairness"]
+    headers += ["writers net %", "readers net %", "load 1m at end", "host steal %", "fairness"]
     every = [p["converged"] == p["runs"] > 0 for p in points]
     best = best_cells(rows, headers, SWEEP_BEST, every, [p["point"] for p in points])
     return Table(headers, rows, best=best, note="best at its value among the policies whose every run converged")
