@@ -65,6 +65,7 @@ class Harness:
             interval=interval,
             ratio=ratio,
             initial_throughput=throughput,
+            initial_ratio=1.0,  # the rate these tests give is the rate L starts from
             page_size=PAGE,
             clock=lambda: t[0],
         )
@@ -504,6 +505,7 @@ def make(writers: int, q: int, interval: float = 0.010) -> tuple[QuotaAllocator,
         interval=interval,
         ratio=2.0,
         initial_throughput=q / interval * 2.0 * PAGE * writers,
+        initial_ratio=1.0,
         page_size=PAGE,
         clock=lambda: t[0],
     )
@@ -628,3 +630,16 @@ def test_within_share_writer_never_sleeps():
             d = a.on_exit(w, quota[w], quota[w])
             assert d.sleep == 0 and d.grant == 50
             quota[w] += d.grant
+
+
+def test_the_rfc_halves_only_the_initial_estimate():
+    """The QEMU RFC (dirty quota, "dirtylimit via quota"): before any throughput is measured
+    each vCPU's limit is (1 Gbit/s / 2) / vCPUs; from then on it is the measured throughput /
+    vCPUs, with no halving. x-dirty-quota-ratio > 1 is dqmig's extension."""
+    a = QuotaAllocator(writers=4, page_size=PAGE)
+    assert a.limit * PAGE == pytest.approx(125_000_000 / 2 / 4)
+    a.update_throughput(80_000_000)
+    assert a.limit * PAGE == pytest.approx(80_000_000 / 4), "steady state: the whole throughput"
+    headroom = QuotaAllocator(writers=4, page_size=PAGE, ratio=2.0)
+    headroom.update_throughput(80_000_000)
+    assert headroom.limit * PAGE == pytest.approx(80_000_000 / 2 / 4)

@@ -42,7 +42,9 @@ PARAMS: dict[str, Param] = {
     # dirty quota (the KVM/QEMU patch series, done as intended, and beyond)
     "x-dirty-quota-interval": Param(10, int, 1, 1000, "ms per quota interval"),
     "x-dirty-quota-window": Param(500, int, 1, 60_000, "ms of throughput measurements averaged"),
-    "x-dirty-quota-ratio": Param(2.0, float, 0.1, 100, "dirty budget = throughput / ratio"),
+    # The RFC's budget is the measured throughput (ratio 1); only its initial estimate is halved.
+    # A ratio > 1 is dqmig's extension: headroom for the network.
+    "x-dirty-quota-ratio": Param(1.0, float, 0.1, 100, "dirty budget = throughput / ratio (the RFC: 1)"),
     "x-dirty-quota-initial-throughput": Param(125_000_000, int, 1, 1 << 40, "bytes/s assumed at first"),
     "x-dirty-quota-dma": Param(True, bool, doc="the DMA writer gets its quota from the same budget"),
     "x-dirty-quota-skip-bulk": Param(False, bool, doc="no throttling during the first (bulk) iteration"),

@@ -3,7 +3,9 @@
 Time is cut into fixed quota intervals (10 ms by default), counted from the allocator's
 start. Every writer (vCPU, and the DMA writer when it is throttled) is entitled to a share
 `q = L x interval` pages per interval, where the per-writer rate limit L (pages/s) is the
-measured network throughput / ratio / writers. A writer runs until it has dirtied its quota
+measured network throughput / ratio / writers. As in the RFC, the ratio is 1 in steady state
+and only the initial estimate (1 Gbit/s, before any throughput is measured) is halved;
+x-dirty-quota-ratio > 1 is dqmig's extension, leaving the network headroom. A writer runs until it has dirtied its quota
 (the KVM exit DIRTY_QUOTA_EXHAUSTED), then asks here:
 
 1. Overshoot (count > quota, PML-batched accounting): a penalty sleep of overshoot / L, and
@@ -64,8 +66,9 @@ class WriterState:
 class QuotaAllocator:
     writers: int
     interval: float = 0.010  # s
-    ratio: float = 2.0
+    ratio: float = 1.0  # steady state: L = throughput / ratio / writers (the RFC: 1)
     initial_throughput: float = 125_000_000  # bytes/s (1 Gbit/s), as the RFC assumes
+    initial_ratio: float = 2.0  # the RFC halves its initial estimate, and only that
     page_size: int = 4096
     window: float = 0.5  # s of throughput measurements averaged
     clock: Callable[[], float] = field(default=lambda: 0.0)
@@ -73,12 +76,14 @@ class QuotaAllocator:
     state: list[WriterState] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.writers < 1 or not self.interval > 0 or not self.ratio > 0 or self.page_size < 1:
+        if self.writers < 1 or not self.interval > 0 or not self.ratio > 0 or not self.initial_ratio > 0:
+            raise ValueError("allocator needs writers >= 1 and positive interval, ratio and page size")
+        if self.page_size < 1:
             raise ValueError("allocator needs writers >= 1 and positive interval, ratio and page size")
         self.t0 = self.clock()
         self.state = [WriterState() for _ in range(self.writers)]
         self._samples: deque[tuple[float, float]] = deque()
-        self.throughput = float(self.initial_throughput)
+        self.throughput = self.initial_throughput / self.initial_ratio  # an estimate until measured
         self.pool_in = 0  # totals, for conservation checks and telemetry
         self.pool_out = 0
 

@@ -8,10 +8,15 @@ unthrottled (x-dirty-quota-skip-bulk), and over-throttling falls back to auto-co
 
     over a window of FALLBACK_WINDOW_S seconds (judged at dirty syncs), the writers the
     allocator made sleep in it slept more than FALLBACK_SLEEP_SHARE of the time on average,
-    and the bytes left to send shrank by less than FALLBACK_MIN_PROGRESS of what they were.
+    and the bytes left to send shrank by less than FALLBACK_MIN_PROGRESS of what they were,
+    and the vCPUs are what dirties: an unthrottled DMA writer (x-dirty-quota-dma off) did not
+    itself dirty more than (1 - FALLBACK_MIN_PROGRESS) of what was sent in the window.
 
-Then throttling vCPUs harder cannot help (the network estimate is wrong, or writes come from
-elsewhere), so the migration switches to auto-converge.
+Then the quota's budget is too generous for these vCPUs (the network estimate is wrong), and
+auto-converge, which throttles vCPUs by their run time rather than by a budget, takes over.
+When the DMA writer is what keeps the bytes left from shrinking, auto-converge cannot help
+either (QEMU throttles vCPUs only): the migration stays with dirty quota, and query-migrate's
+`dirty-quota.stalled-by` says "dma" (x-dirty-quota-dma is what would help).
 """
 
 from __future__ import annotations
@@ -51,7 +56,9 @@ class DirtyQuota(Policy):
         self.enforcing = False
         self.fell_back = False
         self._lock = threading.Lock()
-        self._history: deque[tuple[float, int, list[float]]] = deque()  # (t, remaining, sleep per writer)
+        # (t, remaining, sleep per writer, pages the unthrottled DMA writer dirtied, bytes sent)
+        self._history: deque[tuple[float, int, list[float], int, int]] = deque()
+        self.stalled_by: str | None = None
         self._last_sample: list[tuple[int, int, int]] | None = None  # (granted, dirtied, exits)
 
     def _slot(self, vcpu: _native.Vcpu) -> int | None:
@@ -97,18 +104,27 @@ class DirtyQuota(Policy):
     def _over_throttling(self, m: Migration) -> bool:
         t = now()
         slept = [s.total_sleep for s in self.allocator.state]
-        self._history.append((t, m.remaining, slept))
+        self._history.append((t, m.remaining, slept, self._free_dma_dirtied(), m.transferred))
         # Keep the newest entry at or before the window's start: syncs may be seconds apart.
         while len(self._history) > 1 and self._history[1][0] <= t - FALLBACK_WINDOW_S:
             self._history.popleft()
-        t0, remaining0, slept0 = self._history[0]
+        t0, remaining0, slept0, dma0, sent0 = self._history[0]
         if not self.enforcing or t - t0 < FALLBACK_WINDOW_S:
             return False
-        shares = [(b - a) / (t - t0) for a, b in zip(slept0, slept, strict=True) if b > a]
-        if not shares:
+        shares = [(b - a) / (t - t0) for a, b in zip(slept0, slept, strict=True) if b > a] or [0.0]
+        if m.remaining <= remaining0 * (1 - FALLBACK_MIN_PROGRESS):
+            self.stalled_by = None
+            return False  # converging
+        sent_pages = (m.transferred - sent0) / m.page_size
+        if self._free_dma_dirtied() - dma0 > sent_pages * (1 - FALLBACK_MIN_PROGRESS):
+            self.stalled_by = "dma"  # auto-converge would not throttle it either
             return False
-        stalled = m.remaining > remaining0 * (1 - FALLBACK_MIN_PROGRESS)
-        return sum(shares) / len(shares) > FALLBACK_SLEEP_SHARE and stalled
+        return sum(shares) / len(shares) > FALLBACK_SLEEP_SHARE
+
+    def _free_dma_dirtied(self) -> int:
+        """Pages dirtied by a DMA writer this policy does not throttle (0 when there is none)."""
+        dma = self.vm.dma
+        return dma.dirty_count if dma is not None and dma not in self.writers else 0
 
     def handle_exit(self, vm: VM, vcpu: _native.Vcpu, exit: _native.Exit) -> None:
         slot = self._slot(vcpu)
@@ -133,6 +149,7 @@ class DirtyQuota(Policy):
                 "throughput": int(a.throughput),
                 "enforcing": self.enforcing,
                 "fell-back": self.fell_back,
+                "stalled-by": self.stalled_by,
             }
         }
 
