@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,18 @@ def test_bad_arguments_exit_2_from_argparse(args, message, capsys):
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+def test_version_names_the_commit_or_says_it_is_unknown(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert re.fullmatch(
+        r"dqmig \d+\.\d+\.\d+ \((commit [0-9a-f]{12} (of this checkout|recorded at build)"
+        r"(, with local changes|, local changes unknown)?|commit unknown: .*)\)",
+        out,
+    ), out
 
 
 def test_no_command_is_a_usage_error(capsys):

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from dqmig import __version__, dirtyrate, policies
+from dqmig import __version__, dirtyrate, policies, provenance
 from dqmig.display import Progress
 from dqmig.experiments import cli as experiments_cli
 from dqmig.migration.channel import parse_uri
@@ -319,6 +319,7 @@ def _finish_migrate(args: argparse.Namespace, vm: VM, m: Migration, dest_report:
         )
     report = {
         "dqmig": __version__,
+        "git": provenance.commit_facts(),
         "argv": sys.argv[1:],
         "vm": _config_dict(vm.config),
         "vcpu-classes": vm.vcpu_classes(),
@@ -483,8 +484,20 @@ def _add_incoming_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_incoming)
 
 
+class _Version(argparse.Action):
+    """--version, worked out only when asked for: finding the commit may run git."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and the commit it comes from")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(provenance.version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dqmig", description="Live-migration throttling testbed.")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
         "run",
