@@ -19,6 +19,7 @@ from dqmig.migration.local import LocalDestination
 from dqmig.migration.params import PARAMS, MigrationParameters, parse_bandwidth, value_of
 from dqmig.migration.source import Migration
 from dqmig.monitor import Monitor
+from dqmig.outputs import check_file
 from dqmig.programs import PRESETS, guest_programs
 from dqmig.qmp import QmpServer
 from dqmig.sampler import Sampler
@@ -124,6 +125,8 @@ def vm_config(args: argparse.Namespace) -> VmConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_file(args.json, "--json")
     config = vm_config(args)
     vm = VM(config)
     tracking = f"dirty ring {config.dirty_ring}" if config.dirty_ring else "dirty bitmap"
@@ -249,6 +252,7 @@ def migration_params(args: argparse.Namespace) -> MigrationParameters:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    check_file(args.report, "--report")
     config = vm_config(args)
     params = migration_params(args)
     params.check_capabilities(config.dirty_ring)
@@ -343,6 +347,8 @@ def peak_rss() -> int:
 
 
 def cmd_incoming(args: argparse.Namespace) -> int:
+    if args.report:
+        check_file(args.report, "--report")
     incoming = Incoming(args.uri, accept_timeout=args.accept_timeout, mem_prealloc=args.mem_prealloc)
     print(f"dqmig incoming: listening on {incoming.address}", flush=True)
     try:
