@@ -299,12 +299,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _show_progress(migration: Migration) -> None:
-    progress = Progress()
-    while migration.active or migration.status == "none":
-        progress.update(migration.query())
-        time.sleep(0.25)
-    progress.update(migration.query())
-    progress.close()
+    progress = Progress(migration)
+    try:
+        while migration.active or migration.status == "none":
+            progress.update()
+            time.sleep(0.25)
+        progress.update()
+    finally:
+        progress.close()
 
 
 def _finish_migrate(args: argparse.Namespace, vm: VM, m: Migration, dest_report: dict | None) -> int:
