@@ -27,6 +27,8 @@ from dqmig.units import MiB, format_size, parse_size
 from dqmig.vm import VM, VmConfig
 
 DEFAULT_WRITER_RATE = 16384
+INTERRUPTED = 130  # the exit code after Ctrl-C (128 + SIGINT), as shells report it
+CANCEL_TIMEOUT_S = 30.0  # a cancelled migration ends as soon as its channels shut down
 
 
 def _size(text: str) -> int:
@@ -262,40 +264,62 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     monitor = Monitor(vm, params)
     qmp = QmpServer(args.qmp, monitor).start() if args.qmp else None
     dest: LocalDestination | None = None
-    print(
-        f"dqmig migrate: {config.vcpus} vCPUs, {format_size(config.memory)}, workload {args.workload}, "
-        f"policy {args.policy}; "
-        f"max-bandwidth {params.max_bandwidth} B/s, downtime-limit {params.downtime_limit} ms, "
-        f"{'multifd ' + str(params.multifd_channels) + ' channels' if params.capabilities['multifd'] else '1 channel'}",
-        flush=True,
-    )
+    dest_report: dict | None = None
+    interrupted = False
     try:
         with vm:
-            time.sleep(args.warmup)
-            if args.to:
-                uri = args.to
-            else:
-                dest = LocalDestination.start(args.run_after, args.mem_prealloc)
-                uri = dest.uri
-            if args.defer:
-                print(f"waiting for QMP 'migrate' on {args.qmp} (destination {uri})", flush=True)
-                while monitor.migration is None:
-                    time.sleep(0.1)
-            else:
-                monitor.migrate({"uri": uri})
-            migration = monitor.migration
-            assert migration is not None
-            _show_progress(migration)
-            migration.wait()
-            dest_report = dest.finish() if dest else None
-            if dest and dest.error and migration.status == "completed":
-                print(f"destination failed: {dest.error}", file=sys.stderr)  # else the source said why
+            try:
+                print(_migrate_banner(args, config, params), flush=True)
+                time.sleep(args.warmup)
+                if args.to:
+                    uri = args.to
+                else:
+                    dest = LocalDestination.start(args.run_after, args.mem_prealloc)
+                    uri = dest.uri
+                if args.defer:
+                    print(f"waiting for QMP 'migrate' on {args.qmp} (destination {uri})", flush=True)
+                    while monitor.migration is None:
+                        time.sleep(0.1)
+                else:
+                    monitor.migrate({"uri": uri})
+                migration = monitor.migration
+                assert migration is not None
+                _show_progress(migration)
+                migration.wait()
+                dest_report = dest.finish() if dest else None
+                if dest and dest.error and migration.status == "completed":
+                    print(f"destination failed: {dest.error}", file=sys.stderr)  # else the source said why
+            except KeyboardInterrupt:
+                interrupted = True
+                _cancel(monitor.migration)
     finally:
         if qmp:
             qmp.close()
         if dest:
             dest.kill()
-    return _finish_migrate(args, vm, migration, dest_report)
+    if monitor.migration is None:
+        print("cancelled: interrupted before the migration started")
+        return INTERRUPTED
+    code = _finish_migrate(args, vm, monitor.migration, dest_report)
+    return INTERRUPTED if interrupted and code else code
+
+
+def _migrate_banner(args: argparse.Namespace, config: VmConfig, params: MigrationParameters) -> str:
+    channels = f"multifd {params.multifd_channels} channels" if params.capabilities["multifd"] else "1 channel"
+    return (
+        f"dqmig migrate: {config.vcpus} vCPUs, {format_size(config.memory)}, workload {args.workload}, "
+        f"policy {args.policy}; max-bandwidth {params.max_bandwidth} B/s, "
+        f"downtime-limit {params.downtime_limit} ms, {channels}"
+    )
+
+
+def _cancel(migration: Migration | None) -> None:
+    """Ctrl-C: migrate_cancel, as QEMU's monitor would, and wait for the migration to end
+    (the source VM runs on). Too late once the completion record went out: it completes."""
+    if migration is None:
+        return
+    migration.cancel("interrupted (SIGINT)")
+    migration.wait(CANCEL_TIMEOUT_S)
 
 
 def _show_progress(migration: Migration) -> None:
