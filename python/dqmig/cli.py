@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from dqmig import __version__, dirtyrate, policies, provenance
+from dqmig import __version__, dirtyrate, policies, provenance, runtable
 from dqmig.display import Progress
 from dqmig.experiments import cli as experiments_cli
 from dqmig.migration.channel import parse_uri
@@ -144,8 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         sampler.pause_clearing()
         samples = sampler.stop()
         rates = _calc_dirty_rates(vm, args.calc_time)
-    _print_run_table(vm, samples)
-    _print_dirty_rates(rates)
+    runtable.print_table(vm, samples)
+    runtable.print_dirty_rates(rates, vm.vcpu_classes())
     if args.json:
         report = {
             "config": _config_dict(config),
@@ -178,48 +178,6 @@ def _calc_dirty_rates(vm: VM, calc_time: float) -> dict[str, dirtyrate.DirtyRate
             continue
         out[mode] = measure(vm, calc_time)
     return out
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else 0.0
-
-
-def _print_run_table(vm: VM, samples) -> None:
-    page_mb = vm.guest.page_size / MiB
-    names, classes, programs = vm.writer_names(), vm.writer_classes(), vm.writer_programs()
-    print(
-        f"\n{'writer':<7} {'class':<7} {'program':<12} {'progress/s':>12} {'dirty pages/s':>14} "
-        f"{'dirty MB/s':>11} {'write MB/s':>11} {'ms/GiB':>8}"
-    )
-    for i, name in enumerate(names):
-        prog = [s.progress_rate[i] for s in samples]
-        dirty = [s.dirty_rate[i] for s in samples]
-        write = [s.write_rate[i] for s in samples]
-        ms = samples[-1].ms_per_gib[i] if samples else 0.0
-        print(
-            f"{name:<7} {classes[i]:<7} {programs[i].kind:<12} {_mean(prog):>12.0f} "
-            f"{_mean(dirty):>14.0f} {_mean(dirty) * page_mb:>11.1f} {_mean(write) / MiB:>11.1f} "
-            f"{ms if ms else float('nan'):>8.0f}"
-        )
-    total = sum(_mean([s.dirty_rate[i] for s in samples]) for i in range(len(names)))
-    print(
-        f"{'VM':<28} {'':>12} {total:>14.0f} {total * page_mb:>11.1f}"
-        f"   ({len(samples)} samples every 100 ms, log cleared at each)"
-    )
-
-
-def _print_dirty_rates(rates: dict[str, dirtyrate.DirtyRate | None]) -> None:
-    print("\ncalc-dirty-rate:")
-    for mode, r in rates.items():
-        if r is None:
-            print(f"  {mode:<14} unavailable (dirty ring off: --dirty-ring 0)")
-            continue
-        extra = ""
-        if r.vcpu_dirty_rate:
-            extra = "  per vCPU " + ", ".join(f"{x}" for x in r.vcpu_dirty_rate) + " MB/s"
-        elif r.sampled_pages:
-            extra = f"  ({r.sampled_pages} pages sampled)"
-        print(f"  {mode:<14} {r.dirty_rate:>8} MB/s over {r.calc_time:g} s{extra}")
 
 
 def _config_dict(c: VmConfig) -> dict:
