@@ -50,6 +50,20 @@ def test_line_before_a_second_of_samples_and_when_stalled():
     assert progress_line({"status": "none"}).startswith("none")
 
 
+def test_a_narrow_terminal_loses_the_spare_fields_first():
+    q = query(**{"dirty-quota": {"pool-pages": 37}})
+    asleep = {"writer": 0.85, "reader": 0.0}
+    full = progress_line(q, asleep)
+    assert progress_line(q, asleep, width=len(full)) == full
+    fitted = progress_line(q, asleep, width=len(full) - 1)
+    assert "sent " not in fitted and "dirty " in fitted and "pool 37 pg" in fitted
+    narrow = progress_line(q, asleep, width=100)
+    assert len(narrow) <= 100
+    for kept in ("iter   7", "left   30.0 MiB", "asleep writer  85%", "pool 37 pg", "4.2 s"):
+        assert kept in narrow
+    assert len(progress_line(q, asleep, width=20)) == 20, "cut when dropping is not enough"
+
+
 def test_sleep_shares_average_each_class():
     before = sample(1.0, [0.0, 0.0, 0.0])
     after = sample(2.0, [0.9, 0.5, 0.0])

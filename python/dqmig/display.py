@@ -8,6 +8,7 @@ shrinking it prints a hint once (convergence.py) and marks the line `not converg
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -23,9 +24,24 @@ if TYPE_CHECKING:
 SLEEP_WINDOW_S = 1.0  # the sleep share is over the last second of samples
 
 
-def progress_line(q: dict[str, Any], asleep: dict[str, float] | None = None, stalled: bool = False) -> str:
+SPARE = ("sent ", "dirty ", "bw ")  # dropped first, in this order, when the line is too wide
+
+
+def progress_line(
+    q: dict[str, Any], asleep: dict[str, float] | None = None, stalled: bool = False, width: int | None = None
+) -> str:
     """One line from query-migrate `q`, the share of time each vCPU class slept (None: not
-    measured yet) and whether pre-copy has stalled."""
+    measured yet) and whether pre-copy has stalled; within `width` columns if given, by
+    dropping the SPARE fields, then cutting."""
+    parts = _parts(q, asleep, stalled)
+    for spare in SPARE:
+        if width is None or len("  ".join(parts)) <= width:
+            break
+        parts = [p for p in parts if not p.startswith(spare)]
+    return "  ".join(parts)[:width]
+
+
+def _parts(q: dict[str, Any], asleep: dict[str, float] | None, stalled: bool) -> list[str]:
     ram = q.get("ram", {})
     parts = [f"{q.get('status', '?'):<9}", f"iter {ram.get('dirty-sync-count', 0):>3}"]
     if ram:
@@ -45,7 +61,7 @@ def progress_line(q: dict[str, Any], asleep: dict[str, float] | None = None, sta
     parts.append(f"{q.get('total-time', 0) / 1000:6.1f} s")
     if stalled:
         parts.append("not converging")
-    return "  ".join(parts)
+    return parts
 
 
 def sleep_shares(before: dict[str, Any], after: dict[str, Any], classes: list[str]) -> dict[str, float]:
@@ -113,13 +129,22 @@ class Progress:
             # A line of its own, kept above the progress line (redrawn just below).
             print(("\r\x1b[K" if self.tty else "") + "hint: " + self._hint(), file=self.out, flush=True)
         self._hinted = stalled  # a stall that ends and comes back is hinted again
-        line = progress_line(m.query(), self.watch.asleep(), stalled)
         now = time.monotonic()
         if self.tty:
-            print("\r\x1b[K" + line[: shutil.get_terminal_size().columns - 1], end="", file=self.out, flush=True)
+            # Redrawn in place, so it must not wrap: one column spare for the cursor.
+            line = progress_line(m.query(), self.watch.asleep(), stalled, width=self._columns() - 1)
+            print("\r\x1b[K" + line, end="", file=self.out, flush=True)
         elif now - self._last >= self.every:
-            print(line, file=self.out, flush=True)
+            print(progress_line(m.query(), self.watch.asleep(), stalled), file=self.out, flush=True)
             self._last = now
+
+    def _columns(self) -> int:
+        """The terminal's width (a pty may say 0: then $COLUMNS or 80)."""
+        try:
+            columns = os.get_terminal_size(self.out.fileno()).columns
+        except (OSError, ValueError):
+            columns = 0
+        return columns or shutil.get_terminal_size().columns
 
     def _hint(self) -> str:
         m, stall = self.migration, convergence.since_lowest(self.watch.syncs)
