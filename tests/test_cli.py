@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 
+from dqmig import runtable
 from dqmig.cli import main
 
 QUICK = ["run", "--seconds", "0.3", "--calc-time", "0.2", "--memory", "32M"]
@@ -38,6 +41,54 @@ def test_run_prints_table_and_dirty_rates(capsys):
     # QEMU's rules: no sampling of a RAM block under 128 MiB, no dirty-bitmap mode with the ring.
     assert "QEMU skips RAM blocks under 128 MiB" in rates["page-sampling"]
     assert "unavailable: dirty-bitmap mode is refused with the dirty ring on" in rates["dirty-bitmap"]
+
+
+def test_run_explains_its_columns_and_shows_ms_per_gib_only_for_stress(capsys):
+    assert main(QUICK) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("writer"))
+    assert "ms/GiB" not in header and "ms/GiB" not in out, "no stress program, no ms/GiB"
+    assert "progress/s: guest program steps per second" in out
+    assert "dirty: pages newly dirtied (clean to dirty) per second" in out
+    assert main([*QUICK, "--program", "stress", "--program", "idle"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("writer"))
+    assert header.split()[-1] == "ms/GiB"
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("vcpu")}
+    assert rows["vcpu1"][-1] == "-", "an idle vCPU has no ms/GiB"
+    # The stress vCPU has one once it has written a GiB, which a slow host may not do in 0.3 s.
+    assert rows["vcpu0"][-1] == "-" or float(rows["vcpu0"][-1]) > 0
+    assert "ms/GiB: a stress program's time per GiB" in out
+
+
+def test_run_with_many_vcpus_prints_a_row_per_class(capsys):
+    vcpus = runtable.GROUP_ABOVE + 4
+    assert main([*QUICK, "--vcpus", str(vcpus), "--dma", "sequential:rate=2000"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert not any(line.startswith("vcpu") for line in lines), "no row per vCPU"
+    header = next(line for line in lines if line.startswith("class"))
+    assert header.split()[:3] == ["class", "program", "count"]
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith(("writer ", "reader ", "device "))}
+    assert rows["writer"][1:3] == ["uniform", "1"]
+    assert rows["reader"][1:3] == ["read-mostly", str(vcpus - 1)]
+    assert rows["device"][1:3] == ["sequential", "1"]
+    ring = dirty_rate_lines(out)["dirty-ring"]
+    assert "per class (sum over its vCPUs) writer" in ring and "reader" in ring
+
+
+def test_class_rows_sum_rates_and_average_progress():
+    rows = [
+        runtable.Row("vcpu0", "reader", "read-mostly", 1, 100.0, 10.0, 1.0, math.nan),
+        runtable.Row("vcpu1", "writer", "stress", 1, 50.0, 5.0, 2.0, 400.0),
+        runtable.Row("vcpu2", "reader", "read-mostly", 1, 300.0, 30.0, 3.0, math.nan),
+        runtable.Row("vcpu3", "writer", "stress", 1, 70.0, 7.0, 4.0, 200.0),
+    ]
+    reader, writer = runtable.class_rows(rows)
+    assert (reader.cls, reader.writers, reader.progress, reader.dirty, reader.write) == ("reader", 2, 200.0, 40.0, 4.0)
+    assert math.isnan(reader.ms_per_gib)
+    assert (writer.cls, writer.writers, writer.progress, writer.dirty) == ("writer", 2, 60.0, 12.0)
+    assert writer.ms_per_gib == 300.0
 
 
 def test_run_with_dirty_bitmap_says_ring_unavailable(capsys):
@@ -88,6 +139,18 @@ def test_bad_arguments_exit_2_from_argparse(args, message, capsys):
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+def test_version_names_the_commit_or_says_it_is_unknown(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert re.fullmatch(
+        r"dqmig \d+\.\d+\.\d+ \((commit [0-9a-f]{12} (of this checkout|recorded at build)"
+        r"(, with local changes|, local changes unknown)?|commit unknown: .*)\)",
+        out,
+    ), out
 
 
 def test_no_command_is_a_usage_error(capsys):

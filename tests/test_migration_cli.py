@@ -4,9 +4,13 @@ last line, the JSON report, and clear errors."""
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 from dqmig.migration.destination import free_port_uri
 
@@ -149,3 +153,64 @@ def test_qmp_migrate_retried_after_a_failure_reports_the_last_attempt(tmp_path):
     assert report["migration"]["result"]["status"] == "completed"
     assert report["migration"]["uri"] == dest
     assert [(a["attempt"], a["status"]) for a in report["attempts"]] == [(1, "failed")]
+
+
+def start_migrate(*args: str) -> subprocess.Popen:
+    """`dqmig migrate` in a session of its own, so a signal to its process group is what a
+    Ctrl-C at a terminal sends."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dqmig", "migrate", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for_line(stream, prefix: str, timeout: float = RUN_S) -> str:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if select.select([stream], [], [], left)[0]:
+            line = stream.readline()
+            if line.startswith(prefix):
+                return line
+            assert line, f"the stream ended before a line starting {prefix!r}"
+    raise AssertionError(f"no line starting {prefix!r} within {timeout} s")
+
+
+def interrupt(p: subprocess.Popen) -> tuple[str, str]:
+    os.killpg(p.pid, signal.SIGINT)
+    try:
+        out, err = p.communicate(timeout=RUN_S)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise
+    return out, err
+
+
+def test_ctrl_c_during_migrate_cancels_and_writes_the_report(tmp_path):
+    report_path = tmp_path / "report.json"
+    # A 1 MiB/s link for a writer's 16 MiB: still in the first iteration when interrupted.
+    p = start_migrate("--memory", "32M", "--warmup", "0.2", "--writer-rate", "0", "--max-bandwidth", "1M",
+                      "--report", str(report_path))  # fmt: skip
+    wait_for_line(p.stderr, "active")
+    out, err = interrupt(p)
+    assert p.returncode == 130, out + err
+    lines = out.strip().splitlines()
+    assert lines[-1] == "cancelled: interrupted (SIGINT)"
+    assert f"report written to {report_path}" in out
+    assert "Traceback" not in err
+    result = json.loads(report_path.read_text())["migration"]["result"]
+    assert result["status"] == "cancelled" and result["error-desc"] == "interrupted (SIGINT)"
+    assert 0 < result["ram"]["transferred"] < result["ram"]["total"]
+
+
+def test_ctrl_c_before_the_migration_starts(tmp_path):
+    report_path = tmp_path / "report.json"
+    p = start_migrate("--memory", "32M", "--warmup", "30", "--report", str(report_path))
+    wait_for_line(p.stdout, "dqmig migrate:")
+    out, err = interrupt(p)
+    assert p.returncode == 130, out + err
+    assert out.strip().splitlines()[-1] == "cancelled: interrupted before the migration started"
+    assert "Traceback" not in err
+    assert not report_path.exists(), "no migration, no report"

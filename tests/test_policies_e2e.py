@@ -18,6 +18,7 @@ import time
 import pytest
 
 from dqmig import policies
+from dqmig.display import Watch, progress_line
 from dqmig.migration.destination import Incoming, IncomingError
 from dqmig.migration.params import MigrationParameters
 from dqmig.migration.source import Migration
@@ -152,3 +153,23 @@ def test_switchover_is_not_delayed_by_throttle_sleeps(outcomes):
     for policy in ("dirty-quota", "auto-converge", "dirty-limit"):
         q = outcomes[policy]["migration"].query()
         assert q["downtime"] < 1000, f"{policy}: downtime {q['downtime']} ms"
+
+
+@pytest.mark.parametrize("policy", ["dirty-quota", "auto-converge", "dirty-limit"])
+def test_the_live_line_shows_each_policys_throttle(outcomes, policy):
+    # The line reads the samples as they come; at some point it shows the writer asleep.
+    m = outcomes[policy]["migration"]
+    watch, lines, peak = Watch(m.vm.writer_classes()), [], {"writer": 0.0, "reader": 0.0}
+    running = [s for s in m.samples if s["event"] in ("setup", "tick", "sync")]
+    for i in range(1, len(running) + 1):
+        watch.feed(running[:i])
+        asleep = watch.asleep()
+        lines.append(progress_line(running[i - 1], asleep))
+        if asleep and asleep["writer"] > peak["writer"]:
+            peak = asleep
+    assert peak["writer"] > 0.2, f"{policy}: the writer's sleep share peaked at {peak['writer']:.0%}"
+    if policy == "dirty-quota":
+        assert peak["reader"] < peak["writer"] / 2, "dirty quota sleeps the writer, not the reader"
+        assert all("pool " in line for line in lines[1:])
+    if policy == "auto-converge":
+        assert all("throttle " in line for line in lines)

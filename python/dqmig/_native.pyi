@@ -86,6 +86,9 @@ class Vcpu:
 
 def bench_mark_rate(pages: int, marks: int) -> float: ...
 def bench_fetch_or_rate(pages: int, marks: int) -> float: ...
+def build_commit() -> tuple[str, bool | None, str] | None:
+    """(commit, Rust inputs had local changes, `git ls-tree -r` of python/ at the commit) of the
+    checkout the extension was built from; None if it was not built from one."""
 
 RECORD_TYPES: dict[str, int]
 MAX_BATCH_PAGES: int

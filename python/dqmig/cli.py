@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from dqmig import __version__, dirtyrate, policies
+from dqmig import __version__, dirtyrate, policies, provenance, runtable
 from dqmig.display import Progress
 from dqmig.experiments import cli as experiments_cli
 from dqmig.migration.channel import parse_uri
@@ -19,6 +19,7 @@ from dqmig.migration.local import LocalDestination
 from dqmig.migration.params import PARAMS, MigrationParameters, parse_bandwidth, value_of
 from dqmig.migration.source import Migration
 from dqmig.monitor import Monitor
+from dqmig.outputs import check_file
 from dqmig.programs import PRESETS, guest_programs
 from dqmig.qmp import QmpServer
 from dqmig.sampler import Sampler
@@ -26,6 +27,8 @@ from dqmig.units import MiB, format_size, parse_size
 from dqmig.vm import VM, VmConfig
 
 DEFAULT_WRITER_RATE = 16384
+INTERRUPTED = 130  # the exit code after Ctrl-C (128 + SIGINT), as shells report it
+CANCEL_TIMEOUT_S = 30.0  # a cancelled migration ends as soon as its channels shut down
 
 
 def _size(text: str) -> int:
@@ -132,6 +135,8 @@ def vm_config(args: argparse.Namespace) -> VmConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_file(args.json, "--json")
     config = vm_config(args)
     vm = VM(config)
     tracking = f"dirty ring {config.dirty_ring}" if config.dirty_ring else "dirty bitmap"
@@ -148,8 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         samples = sampler.stop()
         vm.stop_dirty_log()  # calc-dirty-rate starts its own, as QEMU's does
         rates = _calc_dirty_rates(vm, args.calc_time)
-    _print_run_table(vm, samples)
-    _print_dirty_rates(rates)
+    runtable.print_table(vm, samples)
+    runtable.print_dirty_rates(rates, vm.vcpu_classes())
     if args.json:
         report = {
             "config": _config_dict(config),
@@ -185,50 +190,6 @@ def _calc_dirty_rates(vm: VM, calc_time: float) -> dict[str, dirtyrate.DirtyRate
     return out
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else 0.0
-
-
-def _print_run_table(vm: VM, samples) -> None:
-    page_mb = vm.guest.page_size / MiB
-    names, classes, programs = vm.writer_names(), vm.writer_classes(), vm.writer_programs()
-    print(
-        f"\n{'writer':<7} {'class':<7} {'program':<12} {'progress/s':>12} {'dirty pages/s':>14} "
-        f"{'dirty MB/s':>11} {'write MB/s':>11} {'ms/GiB':>8}"
-    )
-    for i, name in enumerate(names):
-        prog = [s.progress_rate[i] for s in samples]
-        dirty = [s.dirty_rate[i] for s in samples]
-        write = [s.write_rate[i] for s in samples]
-        ms = samples[-1].ms_per_gib[i] if samples else 0.0
-        print(
-            f"{name:<7} {classes[i]:<7} {programs[i].kind:<12} {_mean(prog):>12.0f} "
-            f"{_mean(dirty):>14.0f} {_mean(dirty) * page_mb:>11.1f} {_mean(write) / MiB:>11.1f} "
-            f"{ms if ms else float('nan'):>8.0f}"
-        )
-    total = sum(_mean([s.dirty_rate[i] for s in samples]) for i in range(len(names)))
-    print(
-        f"{'VM':<28} {'':>12} {total:>14.0f} {total * page_mb:>11.1f}"
-        f"   ({len(samples)} samples every 100 ms, log cleared at each)"
-    )
-
-
-def _print_dirty_rates(rates: dict[str, dirtyrate.DirtyRate | str]) -> None:
-    print("\ncalc-dirty-rate:")
-    for mode, r in rates.items():
-        if isinstance(r, str):
-            print(f"  {mode:<14} unavailable: {r}")
-            continue
-        extra = ""
-        if r.note:
-            extra = f"  ({r.note})"
-        elif r.vcpu_dirty_rate:
-            extra = "  per vCPU " + ", ".join(f"{x}" for x in r.vcpu_dirty_rate) + " MB/s"
-        elif r.sampled_pages:
-            extra = f"  ({r.sampled_pages} pages sampled)"
-        print(f"  {mode:<14} {r.dirty_rate:>8} MB/s over {r.calc_time:g} s{extra}")
-
-
 def _config_dict(c: VmConfig) -> dict:
     return {
         "vcpus": c.vcpus,
@@ -262,6 +223,7 @@ def migration_params(args: argparse.Namespace) -> MigrationParameters:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    check_file(args.report, "--report")
     config = vm_config(args)
     params = migration_params(args)
     params.check_capabilities(config.dirty_ring)
@@ -271,37 +233,59 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     monitor = Monitor(vm, params)
     qmp = QmpServer(args.qmp, monitor).start() if args.qmp else None
     dest: LocalDestination | None = None
-    print(
-        f"dqmig migrate: {config.vcpus} vCPUs, {format_size(config.memory)}, workload {args.workload}, "
-        f"policy {args.policy}; "
-        f"max-bandwidth {params.max_bandwidth} B/s, downtime-limit {params.downtime_limit} ms, "
-        f"{'multifd ' + str(params.multifd_channels) + ' channels' if params.capabilities['multifd'] else '1 channel'}",
-        flush=True,
-    )
+    dest_report: dict | None = None
+    interrupted = False
     try:
         with vm:
-            time.sleep(args.warmup)
-            if args.to:
-                uri = args.to
-            else:
-                dest = LocalDestination.start(args.run_after, args.mem_prealloc)
-                uri = dest.uri
-            if args.defer:
-                print(f"waiting for QMP 'migrate' on {args.qmp} (destination {uri})", flush=True)
-                while monitor.migration is None:
-                    time.sleep(0.1)
-            else:
-                monitor.migrate({"uri": uri})
-            migration = _follow_attempts(monitor, args.qmp_linger if qmp else 0.0)
-            dest_report = dest.finish() if dest else None
-            if dest and dest.error and migration.status == "completed":
-                print(f"destination failed: {dest.error}", file=sys.stderr)  # else the source said why
+            try:
+                print(_migrate_banner(args, config, params), flush=True)
+                time.sleep(args.warmup)
+                if args.to:
+                    uri = args.to
+                else:
+                    dest = LocalDestination.start(args.run_after, args.mem_prealloc)
+                    uri = dest.uri
+                if args.defer:
+                    print(f"waiting for QMP 'migrate' on {args.qmp} (destination {uri})", flush=True)
+                    while monitor.migration is None:
+                        time.sleep(0.1)
+                else:
+                    monitor.migrate({"uri": uri})
+                migration = _follow_attempts(monitor, args.qmp_linger if qmp else 0.0)
+                dest_report = dest.finish() if dest else None
+                if dest and dest.error and migration.status == "completed":
+                    print(f"destination failed: {dest.error}", file=sys.stderr)  # else the source said why
+            except KeyboardInterrupt:
+                interrupted = True
+                _cancel(monitor.close_migrations())
     finally:
         if qmp:
             qmp.close()
         if dest:
             dest.kill()
-    return _finish_migrate(args, vm, migration, dest_report, monitor.attempts[:-1])
+    if monitor.migration is None:
+        print("cancelled: interrupted before the migration started")
+        return INTERRUPTED
+    code = _finish_migrate(args, vm, monitor.migration, dest_report, monitor.attempts[:-1])
+    return INTERRUPTED if interrupted and code else code
+
+
+def _migrate_banner(args: argparse.Namespace, config: VmConfig, params: MigrationParameters) -> str:
+    channels = f"multifd {params.multifd_channels} channels" if params.capabilities["multifd"] else "1 channel"
+    return (
+        f"dqmig migrate: {config.vcpus} vCPUs, {format_size(config.memory)}, workload {args.workload}, "
+        f"policy {args.policy}; max-bandwidth {params.max_bandwidth} B/s, "
+        f"downtime-limit {params.downtime_limit} ms, {channels}"
+    )
+
+
+def _cancel(migration: Migration | None) -> None:
+    """Ctrl-C: migrate_cancel, as QEMU's monitor would, and wait for the migration to end
+    (the source VM runs on). Too late once the completion record went out: it completes."""
+    if migration is None:
+        return
+    migration.cancel("interrupted (SIGINT)")
+    migration.wait(CANCEL_TIMEOUT_S)
 
 
 def _follow_attempts(monitor: Monitor, linger: float) -> Migration:
@@ -330,12 +314,14 @@ def _outcome(q: dict) -> str:
 
 
 def _show_progress(migration: Migration) -> None:
-    progress = Progress()
-    while migration.active or migration.status == "none":
-        progress.update(migration.query())
-        time.sleep(0.25)
-    progress.update(migration.query())
-    progress.close()
+    progress = Progress(migration)
+    try:
+        while migration.active or migration.status == "none":
+            progress.update()
+            time.sleep(0.25)
+        progress.update()
+    finally:
+        progress.close()
 
 
 def _finish_migrate(
@@ -361,6 +347,7 @@ def _finish_migrate(
         )
     report = {
         "dqmig": __version__,
+        "git": provenance.commit_facts(),
         "argv": sys.argv[1:],
         "vm": _config_dict(vm.config),
         "vcpu-classes": vm.vcpu_classes(),
@@ -385,6 +372,8 @@ def peak_rss() -> int:
 
 
 def cmd_incoming(args: argparse.Namespace) -> int:
+    if args.report:
+        check_file(args.report, "--report")
     incoming = Incoming(args.uri, accept_timeout=args.accept_timeout, mem_prealloc=args.mem_prealloc)
     print(f"dqmig incoming: listening on {incoming.address}", flush=True)
     try:
@@ -534,8 +523,20 @@ def _add_incoming_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_incoming)
 
 
+class _Version(argparse.Action):
+    """--version, worked out only when asked for: finding the commit may run git."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and the commit it comes from")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(provenance.version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dqmig", description="Live-migration throttling testbed.")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
         "run",

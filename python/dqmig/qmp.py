@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import threading
 from typing import Any
 
@@ -92,11 +93,7 @@ class QmpServer:
         self.path = parse_unix_uri(uri)
         self.monitor = monitor
         self._stop = threading.Event()
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(self.path)
-        self.sock.listen(8)
+        self.sock = _listen(uri, self.path)
         self.sock.settimeout(POLL_S)
         self._thread = threading.Thread(target=self._serve, name="qmp", daemon=True)
 
@@ -148,6 +145,22 @@ class QmpServer:
                         _send(conn, _error(f"QMP input line longer than {MAX_LINE} bytes"))
             except OSError:
                 return
+
+
+def _listen(uri: str, path: str) -> socket.socket:
+    """A listening socket at `path`, replacing a stale socket there; errors name the path."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(f"QMP {uri}: {path} exists and is not a socket")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(8)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"QMP {uri}: cannot listen on {path}: {e.strerror or e}") from None
+    return sock
 
 
 def _send(conn: socket.socket, obj: dict[str, Any]) -> None:

@@ -602,6 +602,13 @@ fn decode_handshake<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, Py
     Ok(d)
 }
 
+/// (commit, Rust inputs dirty, ls-tree of python/) of the checkout the extension was built
+/// from, or None (rust/build.rs).
+#[pyfunction]
+fn build_commit() -> Option<(&'static str, Option<bool>, &'static str)> {
+    crate::build_commit()
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Channel>()?;
@@ -628,6 +635,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Exit>()?;
     m.add_function(wrap_pyfunction!(bench_mark_rate, m)?)?;
     m.add_function(wrap_pyfunction!(bench_fetch_or_rate, m)?)?;
+    m.add_function(wrap_pyfunction!(build_commit, m)?)?;
     m.add("EXIT_REASONS", ExitReason::ALL.map(|r| r.name()).to_vec())?;
     Ok(())
 }

@@ -12,6 +12,7 @@ from typing import Any
 from dqmig import policies
 from dqmig.experiments import compare, results, scenario, sweep
 from dqmig.experiments.scenario import Scenario, ScenarioError
+from dqmig.outputs import check_dir
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -67,9 +68,11 @@ def _scenario(name: str | None, overrides: list[str]) -> Scenario:
 
 
 def _out_dir(args: argparse.Namespace, stem: str) -> Path:
-    if args.out:
-        return args.out
-    return Path(f"dqmig-{stem}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    """The report directory, checked before any run so that a long experiment does not fail
+    at its end."""
+    out = args.out or Path(f"dqmig-{stem}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    check_dir(out, "--out")
+    return out
 
 
 def _saver(out: Path) -> Any:
@@ -176,4 +179,5 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     doc = results.load(args.results)
     out = args.out or (args.results if args.results.is_dir() else args.results.parent)
+    check_dir(out, "--out")
     return _finish(doc, out)

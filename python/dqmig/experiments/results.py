@@ -1,10 +1,11 @@
 """The saved results (results.json): what was run, where, and what it measured.
 
 A results file carries the scenario (in its TOML layout, so it can be rerun), the dqmig
-version, the git commit when dqmig runs from a checkout, the command line and the machine's
-facts (CPUs, memory, Python, platform, load), then one entry per run, each with the host's
-load and steal time over that run (`host_snapshot`, `host_usage`). `validate` checks the
-shape a report needs and names the first field that is wrong.
+version, the git commit it comes from and how that is known ("git": provenance.py's
+"checkout" or "build", null when unknown), the command line and the machine's facts (CPUs,
+memory, Python, platform, load), then one entry per run, each with the host's load and steal
+time over that run (`host_snapshot`, `host_usage`). `validate` checks the shape a report
+needs and names the first field that is wrong.
 """
 
 from __future__ import annotations
@@ -13,16 +14,15 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from dqmig import __version__
 from dqmig.migration.destination import host_memory
+from dqmig.provenance import commit_facts
 
 SCHEMA = "dqmig-results/1"
 KINDS = ("compare", "sweep")
-GIT_TIMEOUT_S = 5.0
 PROC_STAT = Path("/proc/stat")
 STEAL = 7  # index of steal in /proc/stat's cpu line (user nice system idle iowait irq softirq steal)
 
@@ -38,7 +38,7 @@ def new(kind: str, scenario: dict[str, Any], policies: list[str], argv: list[str
         "kind": kind,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "dqmig": __version__,
-        "git": git_facts(),
+        "git": commit_facts(),
         "machine": machine_facts(),
         "command": ["dqmig", *argv],
         "scenario": scenario,
@@ -98,22 +98,6 @@ def _read(path: Path) -> str | None:
         return path.read_text()
     except OSError:
         return None
-
-
-def git_facts() -> dict[str, Any] | None:
-    """The commit of the dqmig checkout in use, and whether it had local changes."""
-    where = Path(__file__).resolve().parent
-    try:
-        commit = _git(where, "rev-parse", "HEAD")
-        dirty = bool(_git(where, "status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit, "dirty": dirty} if commit else None
-
-
-def _git(where: Path, *args: str) -> str:
-    out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=True)
-    return out.stdout.strip()
 
 
 # -- saving and loading --------------------------------------------------------------------------

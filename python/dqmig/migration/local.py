@@ -25,7 +25,9 @@ class LocalDestination:
         os.close(fd)
         cmd = [sys.executable, "-m", "dqmig", "incoming", "tcp:127.0.0.1:0", "--accept-timeout", "60"]
         cmd += ["--run-after", str(run_after), "--report", report] + (["--mem-prealloc"] if mem_prealloc else [])
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Its own process group: a Ctrl-C at the terminal is the source's to handle (it cancels
+        # the migration), not a second signal that kills the destination under it.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
         ready, _, _ = select.select([proc.stdout], [], [], cls.START_TIMEOUT_S)
         line = proc.stdout.readline() if ready else ""  # type: ignore[union-attr]
         if "listening on " not in line:
