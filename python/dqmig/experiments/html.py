@@ -85,7 +85,10 @@ def _e(text: Any) -> str:
 
 def _facts(doc: dict[str, Any]) -> str:
     m, git = doc["machine"], doc.get("git")
-    commit = f"{git['commit'][:12]}{' (with local changes)' if git.get('dirty') else ''}" if git else "not a checkout"
+    commit = "unknown (not built from a git checkout)"
+    if git:
+        how = {"checkout": "from the checkout", "build": "recorded at build"}.get(git.get("source", ""), "")
+        commit = f"{git['commit'][:12]} {how}{', with local changes' if git.get('dirty') else ''}".strip()
     load = m.get("load-average")
     facts = {
         "command": " ".join(doc["command"]),
