@@ -282,3 +282,29 @@ def test_expected_downtime_follows_qemus_rule():
     assert 600 < q["expected-downtime"] < 820  # 8 MiB at about 10 MiB/s
     m._dirty_bytes_last_sync = 0
     assert window(5000, 100.0)["expected-downtime"] == q["expected-downtime"], "kept when not updated"
+
+
+def test_lazy_dirty_log_clear_sends_a_page_written_before_its_send_once():
+    """QEMU with manual dirty-log protect: a sync leaves the pages it reports write-enabled,
+    and migration_clear_memory_region_dirty_bitmap re-protects a chunk (clear-bitmap-shift,
+    2^18 pages) just before its first page is sent. A rewrite between the sync and the send
+    is no new fault, so the next sync does not report the page again: it goes once. Clearing
+    at the sync (x-clear-bitmap-shift=0, dqmig's option) sends it twice."""
+    import numpy as np
+
+    def sync_send_sync(shift: int) -> tuple[bool, int]:
+        """(the rewrite faulted, pages the second sync found newly dirty)."""
+        vm = VM(VmConfig(vcpus=1, memory=16 * MiB))
+        p = MigrationParameters()
+        p.set("x-clear-bitmap-shift", shift)
+        m = Migration(vm, "tcp:127.0.0.1:1", p)
+        vm.guest.start_dirty_log()
+        assert vm.guest.write_and_mark(5, 1, 0)
+        assert m._merge_harvest() == 1
+        faulted = vm.guest.write_and_mark(5, 2, 0)  # after the sync, before the send
+        assert m._take_dirty(1).tolist() == [5]
+        m._protect(np.array([5], dtype=np.uint64))  # what _send does before reading the page
+        return faulted, m._merge_harvest()
+
+    assert sync_send_sync(18) == (False, 0), "lazy clear: the page goes once"
+    assert sync_send_sync(0) == (True, 1), "clear at the sync: the page is reported and sent again"

@@ -46,6 +46,11 @@ class Guest:
     def dirty_logging(self) -> bool: ...
     def harvest(self) -> npt.NDArray[np.uint64]:
         """Takes and clears the dirty set (ascending page numbers)."""
+    def harvest_lazy(self) -> npt.NDArray[np.uint64]:
+        """Bitmap mode: the dirty pages, left set (not re-protected) until clear_dirty, as
+        QEMU's manual dirty-log protect; ring mode: harvest()."""
+    def clear_dirty(self, pages: npt.NDArray[np.uint64]) -> None:
+        """Re-protects pages harvest_lazy reported (KVM_CLEAR_DIRTY_LOG); no-op with rings."""
     def dirty_count(self) -> int: ...
     def reap(self) -> list[int]:
         """Ring mode: reaps every ring; entries reaped per vCPU."""

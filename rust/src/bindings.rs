@@ -198,6 +198,21 @@ impl Guest {
         py.detach(move || g.tracker.harvest()).into_pyarray(py)
     }
 
+    /// Bitmap mode: the dirty pages, left set until `clear_dirty` (QEMU's manual dirty-log
+    /// protect); ring mode: `harvest`.
+    fn harvest_lazy<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
+        let g = self.inner.clone();
+        py.detach(move || g.tracker.harvest_lazy()).into_pyarray(py)
+    }
+
+    /// Re-protects pages a `harvest_lazy` reported (KVM_CLEAR_DIRTY_LOG).
+    fn clear_dirty(&self, py: Python<'_>, pages: PyReadonlyArray1<'_, u64>) -> PyResult<()> {
+        let pages = pages.as_slice()?.to_vec();
+        let g = self.inner.clone();
+        py.detach(move || g.tracker.clear_dirty(&pages))
+            .map_err(to_py)
+    }
+
     /// Pages dirty now, without clearing.
     fn dirty_count(&self, py: Python<'_>) -> usize {
         let g = self.inner.clone();

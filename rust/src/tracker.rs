@@ -75,6 +75,36 @@ impl Bitmap {
             .sum()
     }
 
+    /// Calls `f` for every set bit in ascending order, leaving them set.
+    pub fn scan(&self, mut f: impl FnMut(usize)) {
+        for (i, w) in self.words.iter().enumerate() {
+            let mut bits = w.load(Relaxed);
+            while bits != 0 {
+                f(i * 64 + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        }
+    }
+
+    /// Clears the given bits (ascending or not), one `AcqRel` read-modify-write per word.
+    pub fn clear_bits(&self, bits: &[u64]) {
+        let mut word = usize::MAX;
+        let mut mask = 0u64;
+        for &b in bits {
+            let (w, m) = (b as usize / 64, 1u64 << (b % 64));
+            if w != word {
+                if mask != 0 {
+                    self.words[word].fetch_and(!mask, AcqRel);
+                }
+                (word, mask) = (w, 0);
+            }
+            mask |= m;
+        }
+        if mask != 0 {
+            self.words[word].fetch_and(!mask, AcqRel);
+        }
+    }
+
     /// Takes and clears every set bit, calling `f` for each in ascending order. Zero words
     /// are skipped with a plain load: a bit set after that load is left for the next take.
     pub fn take(&self, mut f: impl FnMut(usize)) {
@@ -238,6 +268,41 @@ impl DirtyTracker {
         pages
     }
 
+    /// QEMU's manual dirty-log protect (KVM_CLEAR_DIRTY_LOG), bitmap mode: the dirty pages,
+    /// left set. A set bit is a page not write-protected, so rewriting it is no fault: it is
+    /// neither counted nor reported again until `clear_dirty` re-protects it, which the
+    /// sender does just before the page's chunk goes out (so a write between the sync and
+    /// the send is not sent twice). Ring mode re-protects at the reap: this is `harvest`.
+    ///
+    /// No lost update: `clear_dirty` clears with `AcqRel` before the page is read, so a write
+    /// before it (whose `Release` mark found the bit set, still ordered before the clear in
+    /// the word's modification order) is in the copy sent, and one after it sets the bit
+    /// again for the next sync.
+    pub fn harvest_lazy(&self) -> Vec<u64> {
+        if self.ring_mode() {
+            return self.harvest();
+        }
+        let mut pages = Vec::new();
+        self.dirty.scan(|p| pages.push(p as u64));
+        pages
+    }
+
+    /// Re-protects pages a `harvest_lazy` reported (bitmap mode; a no-op with rings).
+    /// Out-of-range pages are an error.
+    pub fn clear_dirty(&self, pages: &[u64]) -> Result<(), Error> {
+        if self.ring_mode() {
+            return Ok(());
+        }
+        if let Some(&page) = pages.iter().find(|&&p| p as usize >= self.pages()) {
+            return Err(Error::PageOutOfRange {
+                page,
+                pages: self.pages(),
+            });
+        }
+        self.dirty.clear_bits(pages);
+        Ok(())
+    }
+
     /// Pages dirty now, without clearing: what the next harvest would at least return.
     pub fn count(&self) -> usize {
         if self.ring_mode() {
@@ -252,6 +317,28 @@ impl DirtyTracker {
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
+
+    #[test]
+    fn lazy_harvest_leaves_pages_unprotected_until_cleared() {
+        let t = DirtyTracker::new(200, TrackMode::Bitmap, 1).unwrap();
+        t.start_logging();
+        for p in [3, 64, 65, 130] {
+            assert!(t.mark(p, Writer::Vcpu(0)));
+        }
+        assert_eq!(t.harvest_lazy(), vec![3, 64, 65, 130]);
+        // Not re-protected: a rewrite is no new fault, and the page is still reported.
+        assert!(!t.mark(64, Writer::Vcpu(0)));
+        assert_eq!(t.harvest_lazy(), vec![3, 64, 65, 130]);
+        t.clear_dirty(&[3, 64, 65]).unwrap();
+        assert!(
+            t.mark(64, Writer::Vcpu(0)),
+            "re-protected: a write faults again"
+        );
+        assert_eq!(t.harvest_lazy(), vec![64, 130]);
+        assert!(t.clear_dirty(&[200]).is_err());
+        assert_eq!(t.harvest(), vec![64, 130]);
+        assert!(t.harvest().is_empty());
+    }
 
     fn both_modes() -> [TrackMode; 2] {
         [

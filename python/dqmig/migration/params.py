@@ -29,6 +29,9 @@ PARAMS: dict[str, Param] = {
     "downtime-limit": Param(300, int, 0, 2_000_000, "ms"),
     "max-bandwidth": Param(128 * MiB, int, 0, 1 << 62, "bytes/s; 0 = unlimited"),
     "multifd-channels": Param(2, int, 1, 255, "page channels with multifd"),
+    # QEMU's migration property: the dirty log is cleared (re-protected) in chunks of 2^shift
+    # pages just before a chunk's first page is sent; dqmig: 0 clears it at the sync
+    "x-clear-bitmap-shift": Param(18, int, 0, 31, "dirty-log clear chunk: 2^shift pages; 0 = at the sync"),
     # auto-converge (QEMU)
     "throttle-trigger-threshold": Param(50, int, 1, 100, "% of transferred bytes dirtied that triggers"),
     "cpu-throttle-initial": Param(20, int, 1, 99, "%"),

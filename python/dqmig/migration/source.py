@@ -60,6 +60,9 @@ class Migration:
         self._dirty = np.zeros(g.pages, dtype=bool)  # the migration bitmap
         self._dirty_count = 0
         self._cursor = 0
+        # Lazy dirty-log clear (bitmap mode): chunk -> pages the last sync reported there,
+        # still unprotected in the log until the chunk's first page is sent.
+        self._unprotected: dict[int, np.ndarray] = {}
         self._cancel = threading.Event()
         self._cancel_reason = "cancelled"
         self._lock = threading.Lock()
@@ -312,9 +315,20 @@ class Migration:
         self._dirty_count -= len(pages)
         return pages
 
+    def _protect(self, pages: np.ndarray) -> None:
+        """Clears the dirty log of every chunk `pages` touch that the last sync left
+        unprotected, before those pages are read for sending."""
+        if not self._unprotected:
+            return
+        for chunk in np.unique(pages >> np.uint64(self.params.x_clear_bitmap_shift)).tolist():
+            reported = self._unprotected.pop(chunk, None)
+            if reported is not None:
+                self.vm.guest.clear_dirty(reported)
+
     def _send(self, pages: np.ndarray, *, precopy: bool) -> None:
         if not len(pages):
             return
+        self._protect(pages)
         g = self.vm.guest
         if len(self._channels) == 1:
             results = [self._channels[0].send_pages(g, pages, BATCH_PAGES)]
@@ -374,9 +388,19 @@ class Migration:
         channel.send_json(self._main, "Iteration", {"n": self.dirty_sync_count, "remaining": self.remaining})
         self._sample("sync")
 
-    def _merge_harvest(self) -> int:
-        """Harvests the dirty log into the migration bitmap; returns the pages newly dirty."""
-        harvested = self.vm.guest.harvest()
+    def _merge_harvest(self, final: bool = False) -> int:
+        """Harvests the dirty log into the migration bitmap; returns the pages newly dirty.
+
+        As QEMU with manual dirty-log protect (migration_clear_memory_region_dirty_bitmap),
+        bitmap mode leaves the reported pages unprotected and clears each chunk of
+        2^x-clear-bitmap-shift pages only before its first page is sent (`_protect`), so a
+        page written between the sync and its send goes once. The final sync (vCPUs
+        stopped) takes the log whole."""
+        g = self.vm.guest
+        shift = self.params.x_clear_bitmap_shift
+        lazy = not (final or g.dirty_ring or not shift)
+        harvested = g.harvest_lazy() if lazy else g.harvest()
+        self._unprotected = _by_chunk(harvested, shift) if lazy else {}
         new = int(np.count_nonzero(~self._dirty[harvested]))
         self._dirty[harvested] = True
         self._dirty_count += new
@@ -399,7 +423,7 @@ class Migration:
         self._paused_by_us = was_running  # a guest the user had stopped stays stopped on failure
         self._stop_policy()
         self._sample("stop")
-        self._merge_harvest()
+        self._merge_harvest(final=True)
         self.dirty_sync_count += 1
         while self._dirty_count > 0:
             self._check_cancel()
@@ -525,6 +549,15 @@ class Migration:
             "digest-time": None if self.digest_time is None else int(self.digest_time * 1000),
             "samples": samples,
         }
+
+
+def _by_chunk(pages: np.ndarray, shift: int) -> dict[int, np.ndarray]:
+    """Ascending pages grouped by chunk of 2^shift pages: chunk number -> its pages."""
+    if not len(pages):
+        return {}
+    chunks = pages >> np.uint64(shift)
+    bounds = np.flatnonzero(np.diff(chunks)) + 1
+    return {int(c[0]): p for c, p in zip(np.split(chunks, bounds), np.split(pages, bounds), strict=True)}
 
 
 def _native_handshake(guest: Any, p: MigrationParameters) -> bytes:
