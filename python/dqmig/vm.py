@@ -78,14 +78,22 @@ class ExitHandler(Protocol):
 
 
 class ContinueHandler:
-    """The default: no throttling. Reaps a full dirty ring (then applies a QMP dirty limit,
-    if one is set) and turns off a spent quota that no policy owns, so the vCPU continues."""
+    """The default: no throttling. Reaps a full dirty ring (then applies a dirty limit, if one
+    is set) and turns off a spent quota that no policy owns, so the vCPU continues.
+
+    The reap follows QEMU's KVM_EXIT_DIRTY_RING_FULL handling (kvm_cpu_exec): every ring
+    while no dirty limit is in service, only the exiting vCPU's ring while one is
+    (dirtylimit_in_service). Reaping every ring then would empty the other writers' rings
+    before they fill, and they would miss the sleeps the controller counts on."""
 
     def handle_exit(self, vm: VM, vcpu: _native.Vcpu, exit: _native.Exit) -> None:
         if exit.reason == "DIRTY_RING_FULL":
-            vm.guest.reap()
-            if vm.dirty_limiter is not None:
-                vm.dirty_limiter.on_ring_full(vm, vcpu)
+            limiter = vm.dirty_limiter
+            if limiter is not None and limiter.limiting and vcpu.index is not None:
+                vm.guest.reap_vcpu(vcpu.index)
+                limiter.on_ring_full(vm, vcpu)
+            else:
+                vm.guest.reap()
         elif exit.reason == "DIRTY_QUOTA_EXHAUSTED":
             vcpu.quota = 0
 
