@@ -4,9 +4,16 @@ run, the test thread runs them itself, so the interleaving is fixed by construct
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
-from dqmig.policies.dirtylimit import DirtyLimiter
+from dqmig import policies
+from dqmig.migration.params import MigrationParameters
+from dqmig.migration.source import Migration
+from dqmig.policies import Policy
+from dqmig.policies.dirtylimit import DirtyLimit, DirtyLimiter
 from dqmig.programs import ProgramSpec
 from dqmig.units import MiB
 from dqmig.vm import VM, ContinueHandler, VmConfig
@@ -86,3 +93,179 @@ def test_reap_vcpu_needs_a_ring_and_a_vcpu():
         bitmap.guest.reap_vcpu(0)
     with pytest.raises(IndexError):
         _writers_vm(2).guest.reap_vcpu(2)
+
+
+# -- a policy on a fake migration ---------------------------------------------------------------
+
+
+class FakeMigration:
+    """What the policies read from a Migration; the test moves its counters."""
+
+    def __init__(self) -> None:
+        self.page_size = 4096
+        self.new_dirty_pages = 0
+        self.transferred = 0
+        self.dirty_sync_count = 1  # the setup sync has run when Policy.start is called
+        self.t_start = 0.0
+
+
+class Clock:
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _policy(name: str, vm: VM, **params: object) -> tuple[Policy, FakeMigration, Clock]:
+    p = MigrationParameters(**params)
+    policies.select(p, name)
+    policy = policies.make_policy(vm, p)
+    clock = Clock()
+    if isinstance(policy, DirtyLimit):
+        policy.limiter._ensure_running = lambda: None  # no controller thread
+    m = FakeMigration()
+    policy.start(m)  # type: ignore[arg-type]
+    return policy, m, clock
+
+
+def _sync(policy: Policy, m: FakeMigration, clock: Clock, t: float, dirtied: int, sent: int) -> None:
+    """A dirty sync at `t` after `dirtied` new dirty pages and `sent` bytes."""
+    clock.t = t
+    m.new_dirty_pages += dirtied
+    m.transferred += sent
+    m.dirty_sync_count += 1
+    policy.on_sync(m)  # type: ignore[arg-type]
+
+
+def _ring_vm() -> VM:
+    return VM(VmConfig(vcpus=2, memory=16 * MiB, dirty_ring=RING))
+
+
+# -- item 4: dirty-limit's sleep is not interrupted by a stop ------------------------------------
+
+WAIT_S = 10.0  # longest any wait below may take before the test fails
+
+
+class UninterruptibleSleeper(ContinueHandler):
+    """Sleeps vCPU 0 for `seconds` at its first exit, as dirtylimit_vcpu_execute's g_usleep
+    (or not, with interruptible=True)."""
+
+    def __init__(self, seconds: float, interruptible: bool = False) -> None:
+        self.seconds, self.interruptible = seconds, interruptible
+        self.sleeping = threading.Event()
+        self.started_at = 0.0
+        self.slept: list[float] = []
+
+    def handle_exit(self, vm, vcpu, exit):  # type: ignore[no-untyped-def]
+        if vcpu.index == 0 and not self.sleeping.is_set():
+            self.started_at = time.monotonic()
+            self.sleeping.set()
+            self.slept.append(vm.throttle_sleep(vcpu, self.seconds, interruptible=self.interruptible))
+        else:
+            super().handle_exit(vm, vcpu, exit)
+
+
+def _sleeper_vm(handler: ContinueHandler) -> VM:
+    writer = ProgramSpec("uniform", region_pages=1024, rate=1000)
+    return VM(VmConfig(vcpus=2, memory=16 * MiB, programs=[writer, ProgramSpec("idle")]), handler)
+
+
+def test_pause_waits_for_an_uninterruptible_sleep_and_reports_the_stop_latency():
+    """dirtylimit_vcpu_execute sleeps with g_usleep: a stop (vm_stop -> pause_all_vcpus)
+    waits until every vCPU has left that sleep. VM.pause does the same, even past its
+    timeout, and returns the time from the request to every vCPU parked."""
+    handler = UninterruptibleSleeper(0.6)
+    with _sleeper_vm(handler) as vm:
+        assert handler.sleeping.wait(WAIT_S)
+        t0 = time.monotonic()
+        latency = vm.pause(timeout=0.2)
+        parked = time.monotonic()
+        assert parked >= handler.started_at + 0.6, "a vCPU parked before its sleep was over"
+        assert handler.slept[0] >= 0.6
+        assert latency >= handler.started_at + 0.6 - t0
+        assert latency <= parked - t0
+        vm.resume()
+
+
+def test_interruptible_sleep_ends_at_a_pause_and_stop_ends_any_sleep():
+    """cpu_throttle_thread (auto-converge) checks cpu->stop: its sleep ends at a stop, as
+    dirty-limit's does with x-dirty-limit-interruptible. Ending the VM ends any sleep."""
+    handler = UninterruptibleSleeper(30.0, interruptible=True)
+    with _sleeper_vm(handler) as vm:
+        assert handler.sleeping.wait(WAIT_S)
+        assert vm.pause() < 15.0, "the pause ended the 30 s sleep"
+        vm.resume()
+    handler = UninterruptibleSleeper(30.0)
+    vm = _sleeper_vm(handler).start()
+    assert handler.sleeping.wait(WAIT_S)
+    t0 = time.monotonic()
+    vm.stop()
+    assert time.monotonic() - t0 < 15.0 and handler.slept[0] < 15.0
+
+
+def test_dirty_limit_sleeps_follow_x_dirty_limit_interruptible():
+    """dirtylimit_vcpu_execute's sleep is uninterruptible by default; the policy passes
+    x-dirty-limit-interruptible to the limiter for the migration, then restores QEMU's."""
+    vm = _ring_vm()
+    calls: list[bool] = []
+    vm.throttle_sleep = lambda vcpu, s, interruptible=True: calls.append(interruptible) or s  # type: ignore[method-assign]
+    for flag in (False, True):
+        policy, _, _ = _policy("dirty-limit", vm, x_dirty_limit_interruptible=flag)
+        lim = vm.dirty_limiter
+        lim.set(1)
+        lim.sleep_us = [1000, 1000]
+        lim.on_ring_full(vm, vm.vcpus[0])
+        policy.stop()
+        assert not lim.interruptible
+    assert calls == [False, True]
+    assert MigrationParameters().x_dirty_limit_interruptible is False
+
+
+SLEEP_S = 1.5  # vCPU 0's sleep per ring-full: much longer than the migration of an idle 16 MiB guest
+
+
+@pytest.mark.parametrize("interruptible", [False, True])
+def test_stop_latency_is_reported_in_query_migrate(interruptible, start_destination):
+    """migration_completion_precopy starts the downtime, then migration_stop_vm waits for
+    every vCPU: a vCPU in dirty-limit's sleep at the stop adds the rest of that sleep to the
+    downtime. dqmig reports that wait as x-stop-latency (ms), inside the downtime; with
+    x-dirty-limit-interruptible it is short."""
+    writer = ProgramSpec("sequential", region_pages=1024)
+    vm = VM(VmConfig(vcpus=2, memory=16 * MiB, dirty_ring=256, programs=[writer, ProgramSpec("idle")]))
+    lim = vm.dirty_limiter = DirtyLimiter(vm)
+    lim._ensure_running = lambda: None  # a fixed sleep per ring-full, no controller
+    lim.set(1, 0)
+    lim.sleep_us[0] = int(SLEEP_S * 1e6)
+    # What the policy sets from x-dirty-limit-interruptible at its start; set before, since
+    # the sleep the stop meets begins before the migration.
+    lim.interruptible = interruptible
+    sleeps: list[float] = []
+    throttle_sleep = vm.throttle_sleep
+
+    def recorded(vcpu, seconds, **kw):  # type: ignore[no-untyped-def]
+        sleeps.append(time.monotonic())
+        return throttle_sleep(vcpu, seconds, **kw)
+
+    vm.throttle_sleep = recorded  # type: ignore[method-assign]
+    p = MigrationParameters(x_max_time=30, x_dirty_limit_interruptible=interruptible)
+    policies.select(p, "dirty-limit")
+    with start_destination() as rx, vm:
+        vm.start_dirty_log()  # vCPU 0 fills its ring at once and goes to sleep
+        deadline = time.monotonic() + WAIT_S
+        while not sleeps and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sleeps, "vCPU 0 filled its ring"
+        m = Migration(vm, rx.uri, p).start()
+        assert m.wait(30) == "completed", m.error_desc
+        rx.join()
+    q = m.query()
+    asleep_at_stop = [t for t in sleeps if t <= m.t_stop < t + SLEEP_S]
+    assert asleep_at_stop, "premise: vCPU 0 was in its sleep when the migration stopped the VM"
+    left = asleep_at_stop[0] + SLEEP_S - m.t_stop
+    assert q["x-stop-latency"] == int(m.stop_latency * 1000)
+    assert q["downtime"] >= q["x-stop-latency"]
+    if interruptible:
+        assert m.stop_latency < left, "the stop ended the sleep"
+    else:
+        assert m.stop_latency >= left, "the stop waited for the sleep"

@@ -39,6 +39,7 @@ PARAMS: dict[str, Param] = {
     # dirty-limit (QEMU 8.1)
     "x-vcpu-dirty-limit-period": Param(1000, int, 1, 1000, "ms between dirty-rate measurements"),
     "vcpu-dirty-limit": Param(1, int, 1, 1 << 40, "MB/s per vCPU once triggered"),
+    "x-dirty-limit-interruptible": Param(False, bool, doc="a stop ends dirty-limit's sleeps (QEMU's do not end)"),
     # dirty quota (the KVM/QEMU patch series, done as intended, and beyond)
     "x-dirty-quota-interval": Param(10, int, 1, 1000, "ms per quota interval"),
     "x-dirty-quota-window": Param(500, int, 1, 60_000, "ms of throughput measurements averaged"),

@@ -72,6 +72,7 @@ class Migration:
         self.setup_time = 0.0
         self.total_time = 0.0
         self.downtime: float | None = None
+        self.stop_latency: float | None = None  # from the stop request to every vCPU parked
         self.t_stop: float | None = None
         self.transferred = 0
         self.duplicate = 0
@@ -387,7 +388,9 @@ class Migration:
         self.status = "device"
         self.t_stop = time.monotonic()
         was_running = self.vm.running
-        self.vm.pause()  # downtime starts; ends every throttle sleep at once
+        # Downtime starts. Interruptible throttle sleeps end at once; dirty-limit's (QEMU's
+        # g_usleep) are waited out, and the time that takes is the stop latency.
+        self.stop_latency = self.vm.pause()
         self._paused_by_us = was_running  # a guest the user had stopped stays stopped on failure
         self._stop_policy()
         self._sample("stop")
@@ -464,6 +467,8 @@ class Migration:
                 "precopy-bytes": self.precopy_bytes,
                 "downtime-bytes": self.downtime_bytes,
             }
+        if self.stop_latency is not None:
+            out["x-stop-latency"] = int(self.stop_latency * 1000)
         if self.policy is not None and self.policy.active:
             out.update(self.policy.query())
         if self.error_desc:

@@ -64,6 +64,7 @@ class DirtyLimiter:
         self.sleep_us = [0.0] * n
         self.current = [0] * n  # MB/s, last period
         self.max_rate = [0] * n  # MB/s, high water (never decreases)
+        self.interruptible = False  # a stop ends a sleep (x-dirty-limit-interruptible); QEMU: no
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -132,10 +133,12 @@ class DirtyLimiter:
                 self.sleep_us[i] = adjust_sleep(lim, rate, self.sleep_us[i], self.ring_full_us(i))
 
     def on_ring_full(self, vm: VM, vcpu: _native.Vcpu) -> None:
-        """The actuator, after the exit handler reaped the rings: sleep this vCPU's time."""
+        """dirtylimit_vcpu_execute, after the exit handler reaped this vCPU's ring: sleep its
+        time. QEMU sleeps with g_usleep, which a stop does not end: so does this, unless
+        `interruptible`."""
         i = vcpu.index
         if i is not None and self.limit[i] is not None and self.sleep_us[i] > 0:
-            vm.throttle_sleep(vcpu, self.sleep_us[i] / 1e6)
+            vm.throttle_sleep(vcpu, self.sleep_us[i] / 1e6, interruptible=self.interruptible)
 
 
 class DirtyLimit(Policy):
@@ -155,6 +158,7 @@ class DirtyLimit(Policy):
     def start(self, migration: Migration) -> None:
         super().start(migration)
         self.limiter.period_ms = self.params.x_vcpu_dirty_limit_period
+        self.limiter.interruptible = self.params.x_dirty_limit_interruptible
 
     def on_sync(self, m: Migration) -> None:
         if not self.triggered and self.trigger.check(m, now()):
@@ -166,6 +170,7 @@ class DirtyLimit(Policy):
         if self.triggered:
             self.limiter.stop()
         self.limiter.period_ms = OUTSIDE_MIGRATION_PERIOD_MS
+        self.limiter.interruptible = False
 
     def query(self) -> dict[str, Any]:
         lim = self.limiter
