@@ -12,7 +12,9 @@ import pytest
 from dqmig import policies
 from dqmig.migration.params import MigrationParameters
 from dqmig.migration.source import Migration
+from dqmig.monitor import Monitor, QmpError
 from dqmig.policies import Policy
+from dqmig.policies.autoconverge import AutoConverge
 from dqmig.policies.dirtylimit import DirtyLimit, DirtyLimiter
 from dqmig.programs import ProgramSpec
 from dqmig.units import MiB
@@ -95,7 +97,7 @@ def test_reap_vcpu_needs_a_ring_and_a_vcpu():
         _writers_vm(2).guest.reap_vcpu(2)
 
 
-# -- a policy on a fake migration ---------------------------------------------------------------
+# -- items 3, 8: the trigger and the limit, with a fake migration -----------
 
 
 class FakeMigration:
@@ -122,6 +124,7 @@ def _policy(name: str, vm: VM, **params: object) -> tuple[Policy, FakeMigration,
     policies.select(p, name)
     policy = policies.make_policy(vm, p)
     clock = Clock()
+    policy.clock = clock  # type: ignore[method-assign]
     if isinstance(policy, DirtyLimit):
         policy.limiter._ensure_running = lambda: None  # no controller thread
     m = FakeMigration()
@@ -138,8 +141,91 @@ def _sync(policy: Policy, m: FakeMigration, clock: Clock, t: float, dirtied: int
     policy.on_sync(m)  # type: ignore[arg-type]
 
 
+HOT = (20_000, 100 * MiB)  # 80 MiB dirtied while 100 MiB went: above the 50 % threshold
+
+
 def _ring_vm() -> VM:
     return VM(VmConfig(vcpus=2, memory=16 * MiB, dirty_ring=RING))
+
+
+def test_auto_converge_first_throttles_at_the_third_sync():
+    """migration_bitmap_sync: time_last_bitmap_sync is set at the setup sync (sync 1), so
+    migration_trigger_throttle first checks at sync 2, the end of the bulk pass (hit 1),
+    and a second hot period fires at sync 3: 20 % at the third sync, as QEMU 10 does. dqmig
+    began the period at sync 2 and throttled one sync late."""
+    policy, m, clock = _policy("auto-converge", _ring_vm())
+    assert isinstance(policy, AutoConverge)
+    _sync(policy, m, clock, 4.0, *HOT)  # sync 2: the bulk pass took 4 s
+    assert policy.trigger.high_count == 1 and policy.percentage == 0
+    _sync(policy, m, clock, 5.5, *HOT)  # sync 3
+    assert policy.percentage == 20
+    _sync(policy, m, clock, 7.0, *HOT)
+    _sync(policy, m, clock, 8.5, *HOT)  # every second hot sync: +10
+    assert policy.percentage == 30
+
+
+def test_dirty_limit_trigger_also_counts_from_the_setup_sync():
+    """migration_trigger_throttle serves dirty-limit too: the limit comes at sync 3."""
+    vm = _ring_vm()
+    policy, m, clock = _policy("dirty-limit", vm)
+    _sync(policy, m, clock, 4.0, *HOT)
+    assert not vm.dirty_limiter.limiting
+    _sync(policy, m, clock, 5.5, *HOT)
+    assert vm.dirty_limiter.limit == [1, 1]
+
+
+def test_dirty_limit_reapplies_a_changed_vcpu_dirty_limit_at_the_next_firing():
+    """migration_dirty_limit_guest runs at every firing of the trigger: it returns while a
+    limit is in service at the vcpu-dirty-limit it applied last, and applies a changed one
+    (migrate-set-parameters during the migration) to every vCPU."""
+    vm = _ring_vm()
+    policy, m, clock = _policy("dirty-limit", vm)
+    t = 4.0
+    for _ in range(2):
+        _sync(policy, m, clock, t, *HOT)
+        t += 1.5
+    lim = vm.dirty_limiter
+    assert lim.limit == [1, 1]
+    lim.limit[1] = 7  # as if changed behind the migration's back: an unchanged quota is left alone
+    for _ in range(2):
+        _sync(policy, m, clock, t, *HOT)
+        t += 1.5
+    assert lim.limit == [1, 7]
+    Monitor(vm, policy.params).execute("migrate-set-parameters", {"vcpu-dirty-limit": 50})
+    _sync(policy, m, clock, t, *HOT)
+    assert lim.limit == [1, 7], "applied at a firing, not at once"
+    _sync(policy, m, clock, t + 1.5, *HOT)
+    assert lim.limit == [50, 50]
+
+
+class ActiveMigration:
+    active = True
+
+
+def test_qmp_refuses_dirty_limit_commands_during_a_dirty_limit_migration():
+    """qmp_set_vcpu_dirty_limit / qmp_cancel_vcpu_dirty_limit: dirtylimit_is_allowed is
+    false while a migration with the dirty-limit capability runs and a limit is in service
+    (the migration owns the limits); allowed before the limit is in service, with another
+    capability, and once the migration is over."""
+    vm = _ring_vm()
+    params = MigrationParameters()
+    policies.select(params, "dirty-limit")
+    monitor = Monitor(vm, params)
+    lim = monitor._limiter()
+    lim._ensure_running = lambda: None
+    monitor.migration = ActiveMigration()  # type: ignore[assignment]
+    monitor.execute("set-vcpu-dirty-limit", {"dirty-rate": 5})  # not yet in service: allowed
+    with pytest.raises(QmpError, match="can't set dirty page rate limit while migration is running"):
+        monitor.execute("set-vcpu-dirty-limit", {"cpu-index": 0, "dirty-rate": 9})
+    with pytest.raises(QmpError, match="can't cancel dirty page rate limit while migration is running"):
+        monitor.execute("cancel-vcpu-dirty-limit", {})
+    assert lim.limit == [5, 5]
+    policies.select(params, "auto-converge")
+    monitor.execute("set-vcpu-dirty-limit", {"cpu-index": 0, "dirty-rate": 9})
+    policies.select(params, "dirty-limit")
+    monitor.migration = None
+    monitor.execute("cancel-vcpu-dirty-limit", {})
+    assert not lim.limiting
 
 
 # -- item 4: dirty-limit's sleep is not interrupted by a stop ------------------------------------

@@ -19,10 +19,13 @@ PERIODIC_SYNC_S = 5.0  # QEMU 9.2: forced dirty sync when an iteration runs long
 class Trigger:
     """QEMU's migration_trigger_throttle, shared by auto-converge and dirty-limit.
 
-    At a dirty sync >= 1 s after the period began: the bytes newly dirtied in the period are
-    compared with the bytes sent in it; above `throttle-trigger-threshold` % and at the
-    second such hit, it fires. Quirk kept from QEMU: the hit count is never reset when the
-    condition is false, so two hits need not be consecutive.
+    The period begins at the setup sync (`start`; migration_bitmap_sync sets
+    time_last_bitmap_sync at the first sync), so the first check can come at sync 2, the end
+    of the bulk pass. At a dirty sync more than 1 s after the period began, the bytes newly
+    dirtied in the period are compared with `throttle-trigger-threshold` % of the bytes sent
+    in it (integer bytes, as QEMU's uint64 arithmetic); above it and at the second such hit,
+    it fires, and a new period begins. Quirk kept from QEMU: the hit count is never reset
+    when the condition is false, so two hits need not be consecutive.
     """
 
     def __init__(self, threshold_pct: int) -> None:
@@ -32,17 +35,20 @@ class Trigger:
         self.dirty_at_start = 0
         self.xfer_at_start = 0
         self.bytes_dirty_period = 0
-        self.bytes_dirty_threshold = 0.0
+        self.bytes_dirty_threshold = 0
+
+    def start(self, m: Migration, t: float) -> None:
+        """Begins the first period: call at the setup sync (Policy.start)."""
+        self._reset(m, t)
 
     def check(self, m: Migration, t: float) -> bool:
         if self.period_start is None:
-            self._reset(m, t)
-            return False
-        if t - self.period_start < PERIOD_S:
+            raise RuntimeError("Trigger.check before Trigger.start (the setup sync)")
+        if t - self.period_start <= PERIOD_S:  # QEMU: end_time > time_last_bitmap_sync + 1000
             return False
         self.bytes_dirty_period = (m.new_dirty_pages - self.dirty_at_start) * m.page_size
         bytes_xfer_period = m.transferred - self.xfer_at_start
-        self.bytes_dirty_threshold = bytes_xfer_period * self.threshold_pct / 100
+        self.bytes_dirty_threshold = bytes_xfer_period * self.threshold_pct // 100
         self._reset(m, t)
         if self.bytes_dirty_period > self.bytes_dirty_threshold:
             self.high_count += 1
@@ -62,19 +68,24 @@ def next_percentage(
     increment: int,
     maximum: int,
     tailslow: bool,
-    bytes_dirty_period: float,
-    bytes_dirty_threshold: float,
+    bytes_dirty_period: int,
+    bytes_dirty_threshold: int,
 ) -> int:
-    """mig_throttle_guest_down: the new throttle percentage after a trigger."""
-    if pct == 0:
+    """mig_throttle_guest_down then cpu_throttle_set: the new throttle percentage after a
+    trigger. The first trigger sets `cpu-throttle-initial`, which max-cpu-throttle does not
+    cap (so a later step, capped, can lower the throttle); later ones add the increment, or
+    with tailslow at most the step to the ideal CPU share, whose integer truncation makes the
+    step round up (never 0). cpu_throttle_set clamps the result to [1, 99]."""
+    if pct == 0:  # !cpu_throttle_active()
         new = initial
-    elif not tailslow:
-        new = pct + increment
     else:
-        cpu_now = 100 - pct
-        cpu_ideal = cpu_now * (bytes_dirty_threshold / bytes_dirty_period) if bytes_dirty_period else cpu_now
-        new = pct + int(min(cpu_now - cpu_ideal, increment))
-    return max(1, min(new, maximum, 99))
+        inc = increment
+        if tailslow and bytes_dirty_period > 0:
+            cpu_now = 100 - pct
+            cpu_ideal = int(cpu_now * (bytes_dirty_threshold / bytes_dirty_period))  # uint64_t
+            inc = min(cpu_now - cpu_ideal, increment)
+        new = min(pct + inc, maximum)
+    return max(1, min(new, 99))
 
 
 class AutoConverge(Policy):
@@ -88,8 +99,12 @@ class AutoConverge(Policy):
         self._next_sleep = [0.0] * len(vm.all_writers)
         self.history: list[tuple[float, int]] = []
 
+    def start(self, migration: Migration) -> None:
+        super().start(migration)
+        self.trigger.start(migration, self.clock())
+
     def on_sync(self, m: Migration) -> None:
-        if self.trigger.check(m, now()):
+        if self.trigger.check(m, self.clock()):
             p = self.params
             self.percentage = next_percentage(
                 self.percentage,
@@ -100,7 +115,7 @@ class AutoConverge(Policy):
                 bytes_dirty_period=self.trigger.bytes_dirty_period,
                 bytes_dirty_threshold=self.trigger.bytes_dirty_threshold,
             )
-            self.history.append((now(), self.percentage))
+            self.history.append((self.clock(), self.percentage))
 
     def handle_exit(self, vm, vcpu: _native.Vcpu, exit: _native.Exit) -> None:  # type: ignore[no-untyped-def]
         super().handle_exit(vm, vcpu, exit)

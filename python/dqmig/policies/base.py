@@ -1,15 +1,17 @@
 """The throttling policy interface.
 
 A policy is the VM's exit handler while a migration runs (its `handle_exit` runs on each
-vCPU's thread) and follows the migration through three hooks: `start` after the first dirty
-sync, `on_tick` at every 100 ms bandwidth window, `on_sync` at every dirty sync, and `stop`
-at completion, failure or cancel, when every throttle ends. Throttle sleeps go through
-`VM.throttle_sleep`, which a stop or switchover ends at once.
+vCPU's thread) and follows the migration through its hooks: `start` right after the setup
+sync (dirty-sync-count 1), `on_tick` at every 100 ms bandwidth window, `on_sync` at every
+later dirty sync, and `stop` at completion, failure or cancel, when every throttle ends.
+Throttle sleeps go through `VM.throttle_sleep`. The policy's decisions read `clock`, which
+tests replace.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dqmig import _native
@@ -20,10 +22,16 @@ if TYPE_CHECKING:
     from dqmig.migration.source import Migration
 
 
+def now() -> float:
+    return time.monotonic()
+
+
 class Policy(ContinueHandler):
     """`none`: plain pre-copy. Reaps full dirty rings and otherwise lets vCPUs run."""
 
     name = "none"
+    #: the time the policy's decisions use (monotonic seconds)
+    clock: Callable[[], float] = staticmethod(now)
     #: seconds between forced dirty syncs when an iteration runs long (0 = never)
     periodic_sync_s = 0.0
 
@@ -65,7 +73,3 @@ class Policy(ContinueHandler):
     def slot(self, vcpu: _native.Vcpu) -> int:
         """Index of a writer in VM.all_writers (vCPUs, then the DMA writer)."""
         return self.vm.slot(vcpu)
-
-
-def now() -> float:
-    return time.monotonic()
