@@ -14,7 +14,7 @@ from dqmig.migration.params import MigrationParameters
 from dqmig.migration.source import Migration
 from dqmig.monitor import Monitor, QmpError
 from dqmig.policies import Policy
-from dqmig.policies.autoconverge import AutoConverge
+from dqmig.policies.autoconverge import AutoConverge, PeriodicSync
 from dqmig.policies.dirtylimit import DirtyLimit, DirtyLimiter
 from dqmig.programs import ProgramSpec
 from dqmig.units import MiB
@@ -97,7 +97,7 @@ def test_reap_vcpu_needs_a_ring_and_a_vcpu():
         _writers_vm(2).guest.reap_vcpu(2)
 
 
-# -- items 3, 8: the trigger and the limit, with a fake migration -----------
+# -- items 3, 5, 8: the trigger, the periodic sync, the limit, with a fake migration -----------
 
 
 class FakeMigration:
@@ -226,6 +226,42 @@ def test_qmp_refuses_dirty_limit_commands_during_a_dirty_limit_migration():
     monitor.migration = None
     monitor.execute("cancel-vcpu-dirty-limit", {})
     assert not lim.limiting
+
+
+def test_periodic_sync_follows_qemus_dirty_sync_timer():
+    """cpu_throttle_dirty_sync_timer_tick (QEMU 9.2+): a tick every 5 s from the migration's
+    start; nothing while dirty_sync_count <= 1; otherwise a sync only when the count did not
+    move since the previous tick (the forced sync counts, so a long iteration syncs every
+    5 s). dqmig's old rule synced whenever 5 s had passed since the last sync, even in the
+    bulk pass."""
+    ps = PeriodicSync(armed_at=100.0)
+    assert not ps.due(104.9, 1)
+    assert not ps.due(105.0, 1)  # tick: still in the bulk pass
+    assert not ps.due(109.9, 1)
+    assert not ps.due(110.0, 1)  # tick: still the bulk pass, however long
+    assert not ps.due(115.0, 2)  # tick: a sync came since the last tick
+    assert ps.due(120.0, 2)  # tick: none came: sync (the caller's sync makes it 3)
+    assert ps.due(125.0, 3)  # none but the forced one: sync again
+    assert not ps.due(130.0, 5)  # two came: nothing
+    assert not ps.due(134.0, 5) and ps.due(135.1, 5)
+    assert not ps.due(139.0, 6) and ps.due(140.1, 6), "the timer re-arms 5 s after a late tick"
+
+
+def test_periodic_sync_is_on_with_auto_converge_and_can_be_turned_off():
+    """migration_thread arms the timer whenever auto-converge is on (QEMU 9.2+);
+    x-cpu-throttle-periodic-sync=off is dqmig's way to show once-per-iteration control."""
+    policy, m, _ = _policy("auto-converge", _ring_vm())
+    m.dirty_sync_count = 2
+    assert not policy.periodic_sync_due(m, 4.9)  # type: ignore[arg-type]
+    assert not policy.periodic_sync_due(m, 5.0)  # type: ignore[arg-type]
+    assert policy.periodic_sync_due(m, 10.0)  # type: ignore[arg-type]
+    off, m, _ = _policy("auto-converge", _ring_vm(), x_cpu_throttle_periodic_sync=False)
+    m.dirty_sync_count = 2
+    assert not any(off.periodic_sync_due(m, t) for t in (5.0, 10.0, 15.0, 20.0))  # type: ignore[arg-type]
+    for name in ("none", "dirty-limit", "dirty-quota"):
+        other, m, _ = _policy(name, _ring_vm())
+        m.dirty_sync_count = 2
+        assert not any(other.periodic_sync_due(m, t) for t in (5.0, 10.0, 15.0)), name  # type: ignore[arg-type]
 
 
 # -- item 4: dirty-limit's sleep is not interrupted by a stop ------------------------------------

@@ -244,8 +244,7 @@ class Migration:
             self._check_cancel()
             self._check_caps()
             self._apply_policy_request()
-            periodic = self.policy.periodic_sync_s if self.policy else 0.0
-            if periodic and time.monotonic() - self._last_sync_t >= periodic:
+            if self.policy is not None and self.policy.periodic_sync_due(self, time.monotonic()):
                 self._sync()  # QEMU 9.2: a long iteration still syncs (and re-checks the throttle)
             if self.remaining < self.threshold or self._dirty_count == 0:
                 self._sync()

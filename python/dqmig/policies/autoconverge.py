@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 TIMESLICE_S = 0.010  # CPU_THROTTLE_TIMESLICE: each vCPU runs this long between sleeps
 PERIOD_S = 1.0  # the trigger is checked at a dirty sync at most once per period
-PERIODIC_SYNC_S = 5.0  # QEMU 9.2: forced dirty sync when an iteration runs longer
+PERIODIC_SYNC_S = 5.0  # CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS (QEMU 9.2+)
 
 
 class Trigger:
@@ -61,6 +61,29 @@ class Trigger:
         self.period_start, self.dirty_at_start, self.xfer_at_start = t, m.new_dirty_pages, m.transferred
 
 
+class PeriodicSync:
+    """QEMU 9.2+'s dirty-sync timer under auto-converge (cpu_throttle_dirty_sync_timer_tick):
+    armed when the migration starts, it ticks every 5 s. A tick does nothing while
+    dirty-sync-count <= 1 (the bulk pass sends everything anyway); after that it syncs only
+    when no sync happened since the previous tick. The migration thread asks `due` between
+    send steps; a tick it notices late counts from when it was noticed, as QEMU re-arms the
+    timer 5 s after each tick ran."""
+
+    def __init__(self, armed_at: float, interval: float = PERIODIC_SYNC_S) -> None:
+        self.interval = interval
+        self.next_tick = armed_at + interval
+        self.count_prev = 0  # dirty-sync-count at the previous tick (throttle_dirty_sync_count_prev)
+
+    def due(self, t: float, sync_count: int) -> bool:
+        """True when a tick at or before `t` calls for a dirty sync; the caller then syncs."""
+        if t < self.next_tick:
+            return False
+        self.next_tick = t + self.interval
+        sync = sync_count > 1 and sync_count == self.count_prev
+        self.count_prev = sync_count + 1 if sync else sync_count  # the count after this tick
+        return sync
+
+
 def next_percentage(
     pct: int,
     *,
@@ -95,13 +118,21 @@ class AutoConverge(Policy):
         super().__init__(vm, params)
         self.percentage = 0
         self.trigger = Trigger(params.throttle_trigger_threshold)
-        self.periodic_sync_s = PERIODIC_SYNC_S if params.x_cpu_throttle_periodic_sync else 0.0
+        self.periodic: PeriodicSync | None = None
         self._next_sleep = [0.0] * len(vm.all_writers)
         self.history: list[tuple[float, int]] = []
 
     def start(self, migration: Migration) -> None:
         super().start(migration)
         self.trigger.start(migration, self.clock())
+        if self.params.x_cpu_throttle_periodic_sync:
+            # QEMU arms the timer in migration_thread, before the setup; a policy switched to
+            # mid-migration (dirty quota's fallback) arms it now.
+            setup = migration.dirty_sync_count <= 1
+            self.periodic = PeriodicSync(migration.t_start if setup else self.clock())
+
+    def periodic_sync_due(self, m: Migration, t: float) -> bool:
+        return self.periodic is not None and self.periodic.due(t, m.dirty_sync_count)
 
     def on_sync(self, m: Migration) -> None:
         if self.trigger.check(m, self.clock()):
