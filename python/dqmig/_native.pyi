@@ -54,6 +54,8 @@ class Guest:
     def dirty_count(self) -> int: ...
     def reap(self) -> list[int]:
         """Ring mode: reaps every ring; entries reaped per vCPU."""
+    def reap_vcpu(self, vcpu: int) -> int:
+        """Ring mode: reaps only `vcpu`'s ring; entries reaped."""
     def ring_len(self, vcpu: int) -> int: ...
 
 class Exit:

@@ -168,8 +168,10 @@ class Monitor:
             raise QmpError("Invalid parameter type for 'cpu-index', expected: int")
         if rate < 1:
             raise QmpError("Parameter 'dirty-rate' expects a rate >= 1 MB/s")
+        limiter = self._limiter()
+        self._check_dirty_limit_allowed("set")
         try:
-            self._limiter().set(rate, cpu)
+            limiter.set(rate, cpu)
         except ValueError as e:
             raise QmpError(str(e)) from None
         return {}
@@ -179,11 +181,19 @@ class Monitor:
         if cpu is not None and not isinstance(cpu, int):
             raise QmpError("Invalid parameter type for 'cpu-index', expected: int")
         if self.vm.dirty_limiter is not None:
+            self._check_dirty_limit_allowed("cancel")
             try:
                 self.vm.dirty_limiter.cancel(cpu)
             except ValueError as e:
                 raise QmpError(str(e)) from None
         return {}
+
+    def _check_dirty_limit_allowed(self, verb: str) -> None:
+        """dirtylimit_is_allowed: while a migration with the dirty-limit capability runs and
+        a limit is in service, the migration owns the limits."""
+        limiter = self.vm.dirty_limiter
+        if self.migrating and self.params.capabilities["dirty-limit"] and limiter is not None and limiter.limiting:
+            raise QmpError(f"can't {verb} dirty page rate limit while migration is running")
 
     def query_vcpu_dirty_limit(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         return self.vm.dirty_limiter.query() if self.vm.dirty_limiter is not None else []

@@ -4,8 +4,9 @@ emulated KVM_RUN loop.
 Each vCPU thread calls `Vcpu.run(timeslice)` (Rust, GIL released) and hands every exit to
 the VM's exit handler, the throttling policy, then runs again: the loop QEMU runs around
 KVM_RUN. Handlers must be short; a throttle sleep goes through `VM.throttle_sleep`, which
-releases the GIL and ends at once when the VM is paused or stopped, so throttling never
-delays a stop (and never lengthens a migration's downtime).
+releases the GIL. An interruptible sleep ends at once when the VM is paused or stopped (QEMU's
+cpu_throttle_thread checks cpu->stop); an uninterruptible one (dirty-limit's g_usleep) runs to
+its end, and a pause waits for it: `pause()` returns that stop latency.
 """
 
 from __future__ import annotations
@@ -79,14 +80,22 @@ class ExitHandler(Protocol):
 
 
 class ContinueHandler:
-    """The default: no throttling. Reaps a full dirty ring (then applies a QMP dirty limit,
-    if one is set) and turns off a spent quota that no policy owns, so the vCPU continues."""
+    """The default: no throttling. Reaps a full dirty ring (then applies a dirty limit, if one
+    is set) and turns off a spent quota that no policy owns, so the vCPU continues.
+
+    The reap follows QEMU's KVM_EXIT_DIRTY_RING_FULL handling (kvm_cpu_exec): every ring
+    while no dirty limit is in service, only the exiting vCPU's ring while one is
+    (dirtylimit_in_service). Reaping every ring then would empty the other writers' rings
+    before they fill, and they would miss the sleeps the controller counts on."""
 
     def handle_exit(self, vm: VM, vcpu: _native.Vcpu, exit: _native.Exit) -> None:
         if exit.reason == "DIRTY_RING_FULL":
-            vm.guest.reap()
-            if vm.dirty_limiter is not None:
-                vm.dirty_limiter.on_ring_full(vm, vcpu)
+            limiter = vm.dirty_limiter
+            if limiter is not None and limiter.limiting and vcpu.index is not None:
+                vm.guest.reap_vcpu(vcpu.index)
+                limiter.on_ring_full(vm, vcpu)
+            else:
+                vm.guest.reap()
         elif exit.reason == "DIRTY_QUOTA_EXHAUSTED":
             vcpu.quota = 0
 
@@ -125,6 +134,7 @@ class VM:
         n = len(self.all_writers)
         self.sleep_ns = [0] * n  # throttle sleep per writer (vCPUs, then the DMA writer)
         self._sleep_started: list[float | None] = [None] * n  # a sleep in progress counts too
+        self._sleep_until: list[float | None] = [None] * n  # the end of an uninterruptible one
         self.handler_ns = [0] * n  # time spent in the exit handler
         self._cpu_s = [0.0] * n  # last thread CPU time read per writer
         self.done = [False] * n
@@ -179,16 +189,25 @@ class VM:
         for v in self.all_writers:
             v.kick()
 
-    def pause(self, timeout: float = JOIN_TIMEOUT_S) -> None:
-        """Stops every vCPU (QEMU's `stop`): returns when none is inside run()."""
+    def pause(self, timeout: float = JOIN_TIMEOUT_S) -> float:
+        """Stops every vCPU (QEMU's `stop`): returns, once none is inside run() or its exit
+        handler, the seconds that took (the stop latency). Interruptible throttle sleeps end
+        at once; a vCPU in an uninterruptible one parks when it is over, and the wait allows
+        `timeout` beyond the end of every such sleep."""
+        t0 = time.monotonic()
         with self._cv:
             self._paused = True
-            self._cv.notify_all()  # ends throttle sleeps
+            self._cv.notify_all()  # ends interruptible throttle sleeps
         self._kick_all()
         live = sum(t.is_alive() for t in self._threads)
         with self._cv:
-            if not self._cv.wait_for(lambda: self._parked >= self._live(live), timeout):
-                raise VmError(f"vCPUs did not stop within {timeout} s")
+            while self._parked < self._live(live):
+                ends = [t0] + [u for u in self._sleep_until if u is not None]
+                left = max(ends) + timeout - time.monotonic()
+                if left <= 0:
+                    raise VmError(f"vCPUs did not stop within {timeout} s")
+                self._cv.wait(left)
+        return time.monotonic() - t0
 
     def _live(self, started: int) -> int:
         return min(started, sum(t.is_alive() for t in self._threads))
@@ -253,15 +272,21 @@ class VM:
             while not self._stopping:
                 self._cv.wait(0.5)
 
-    def throttle_sleep(self, vcpu: _native.Vcpu, seconds: float) -> float:
-        """Sleeps a throttled vCPU (GIL released); returns the time slept. Ends at once when
-        the VM pauses or stops."""
+    def throttle_sleep(self, vcpu: _native.Vcpu, seconds: float, *, interruptible: bool = True) -> float:
+        """Sleeps a throttled vCPU (GIL released); returns the time slept. An interruptible
+        sleep ends at once when the VM pauses or stops; an uninterruptible one ends early only
+        when the VM stops for good (`stop()`), and a pause waits for it."""
         if seconds <= 0:
             return 0.0
         slot = self.slot(vcpu)
-        with self._cv:  # the two sleep fields change together under the lock counters() takes
+        with self._cv:  # the sleep fields change together under the lock counters() takes
             t0 = self._sleep_started[slot] = time.monotonic()
-            self._cv.wait_for(lambda: self._paused or self._stopping, seconds)
+            if interruptible:
+                self._cv.wait_for(lambda: self._paused or self._stopping, seconds)
+            else:
+                self._sleep_until[slot] = t0 + seconds
+                self._cv.wait_for(lambda: self._stopping, seconds)
+                self._sleep_until[slot] = None
             slept = time.monotonic() - t0
             self._sleep_started[slot] = None
             self.sleep_ns[slot] += int(slept * 1e9)

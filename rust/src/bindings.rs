@@ -225,6 +225,17 @@ impl Guest {
         py.detach(move || g.tracker.reap())
     }
 
+    /// Ring mode: reaps only `vcpu`'s ring (QEMU's reap at a ring-full exit while dirty-limit
+    /// is in service); entries reaped.
+    fn reap_vcpu(&self, py: Python<'_>, vcpu: usize) -> PyResult<usize> {
+        if vcpu >= self.inner.vcpus {
+            return Err(PyIndexError::new_err(format!("vcpu {vcpu} out of range")));
+        }
+        let g = self.inner.clone();
+        py.detach(move || g.tracker.reap_vcpu(vcpu))
+            .ok_or_else(|| PyValueError::new_err("reap_vcpu needs the dirty ring"))
+    }
+
     /// Entries waiting in a vCPU's dirty ring (0 in bitmap mode).
     fn ring_len(&self, vcpu: usize) -> PyResult<usize> {
         if vcpu >= self.inner.vcpus {

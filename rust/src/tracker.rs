@@ -241,15 +241,28 @@ impl DirtyTracker {
         let _g = self.reap_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.rings
             .iter()
-            .map(|ring| {
-                ring.reap(|page| {
-                    let page = page as usize;
-                    // Clear first (acquiring the writer's data), then publish.
-                    self.dirty.clear(page);
-                    self.collected.set(page);
-                })
-            })
+            .map(|ring| self.collect_ring(ring))
             .collect()
+    }
+
+    /// Ring mode: empties only `vcpu`'s ring, as QEMU reaps the exiting vCPU's ring alone at
+    /// a ring-full exit while dirty-limit is in service (the other vCPUs keep their entries
+    /// and so still fill their rings and take their own sleeps). Returns the entries reaped;
+    /// None if there is no such ring (bitmap mode, or `vcpu` out of range).
+    pub fn reap_vcpu(&self, vcpu: usize) -> Option<usize> {
+        let ring = self.rings.get(vcpu)?;
+        let _g = self.reap_lock.lock().unwrap_or_else(|e| e.into_inner());
+        Some(self.collect_ring(ring))
+    }
+
+    /// Moves one ring's entries into the collected set. The caller holds the reap lock.
+    fn collect_ring(&self, ring: &DirtyRing) -> usize {
+        ring.reap(|page| {
+            let page = page as usize;
+            // Clear first (acquiring the writer's data), then publish.
+            self.dirty.clear(page);
+            self.collected.set(page);
+        })
     }
 
     /// Atomically takes the dirty set: returns the dirty pages in ascending order and clears
@@ -403,6 +416,33 @@ mod tests {
         assert_eq!(t.count(), 11);
         assert!(t.mark(0, Writer::Vcpu(1)), "reaped pages are re-protected");
         assert_eq!(t.harvest().len(), 11);
+    }
+
+    #[test]
+    fn reap_vcpu_empties_only_that_ring() {
+        let t = DirtyTracker::new(100, TrackMode::Ring { size: 256, pml: false }, 2).unwrap();
+        t.start_logging();
+        for p in 0..5 {
+            t.mark(p, Writer::Vcpu(0));
+            t.mark(50 + p, Writer::Vcpu(1));
+        }
+        assert_eq!(t.reap_vcpu(1), Some(5));
+        assert_eq!(
+            t.ring(0).unwrap().len(),
+            5,
+            "vCPU 0's entries stay in its ring"
+        );
+        assert!(t.ring(1).unwrap().is_empty());
+        assert!(t.mark(50, Writer::Vcpu(1)), "reaped pages are re-protected");
+        assert!(!t.mark(0, Writer::Vcpu(1)), "unreaped pages stay dirty");
+        assert_eq!(t.reap_vcpu(2), None);
+        assert_eq!(
+            t.harvest().len(),
+            10,
+            "the dirty sync still collects every ring"
+        );
+        let bitmap = DirtyTracker::new(100, TrackMode::Bitmap, 1).unwrap();
+        assert_eq!(bitmap.reap_vcpu(0), None);
     }
 
     #[test]

@@ -38,10 +38,13 @@ PARAMS: dict[str, Param] = {
     "cpu-throttle-increment": Param(10, int, 1, 99, "%"),
     "cpu-throttle-tailslow": Param(False, bool, doc="smaller increments near the ideal"),
     "max-cpu-throttle": Param(99, int, 1, 99, "%"),
-    "x-cpu-throttle-periodic-sync": Param(False, bool, doc="QEMU 9.2: force a dirty sync every 5 s"),
+    "x-cpu-throttle-periodic-sync": Param(
+        True, bool, doc="QEMU 9.2+: a 5 s timer syncs when no sync came since its last tick; off: never"
+    ),
     # dirty-limit (QEMU 8.1)
     "x-vcpu-dirty-limit-period": Param(1000, int, 1, 1000, "ms between dirty-rate measurements"),
     "vcpu-dirty-limit": Param(1, int, 1, 1 << 40, "MB/s per vCPU once triggered"),
+    "x-dirty-limit-interruptible": Param(False, bool, doc="a stop ends dirty-limit's sleeps (QEMU's do not end)"),
     # dirty quota (the KVM/QEMU patch series, done as intended, and beyond)
     "x-dirty-quota-interval": Param(10, int, 1, 1000, "ms per quota interval"),
     "x-dirty-quota-window": Param(500, int, 1, 60_000, "ms of throughput measurements averaged"),

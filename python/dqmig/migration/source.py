@@ -77,6 +77,7 @@ class Migration:
         self.downtime: float | None = None  # QEMU's: stop to the last byte of device state sent
         self.blackout_time: float | None = None  # dqmig's x-blackout-time: stop to the guest running there
         self._sent_all_t: float | None = None
+        self.stop_latency: float | None = None  # from the stop request to every vCPU parked
         self.t_stop: float | None = None
         self.transferred = 0
         self.duplicate = 0
@@ -250,8 +251,7 @@ class Migration:
             self._check_cancel()
             self._check_caps()
             self._apply_policy_request()
-            periodic = self.policy.periodic_sync_s if self.policy else 0.0
-            if periodic and time.monotonic() - self._last_sync_t >= periodic:
+            if self.policy is not None and self.policy.periodic_sync_due(self, time.monotonic()):
                 self._sync()  # QEMU 9.2: a long iteration still syncs (and re-checks the throttle)
             if self.remaining < self.threshold or self._dirty_count == 0:
                 self._sync()
@@ -419,7 +419,9 @@ class Migration:
         self.status = "device"
         self.t_stop = time.monotonic()
         was_running = self.vm.running
-        self.vm.pause()  # downtime starts; ends every throttle sleep at once
+        # Downtime starts. Interruptible throttle sleeps end at once; dirty-limit's (QEMU's
+        # g_usleep) are waited out, and the time that takes is the stop latency.
+        self.stop_latency = self.vm.pause()
         self._paused_by_us = was_running  # a guest the user had stopped stays stopped on failure
         self._stop_policy()
         self._sample("stop")
@@ -501,6 +503,8 @@ class Migration:
                 "precopy-bytes": self.precopy_bytes,
                 "downtime-bytes": self.downtime_bytes,
             }
+        if self.stop_latency is not None:
+            out["x-stop-latency"] = int(self.stop_latency * 1000)
         if self.policy is not None and self.policy.active:
             out.update(self.policy.query())
         if self.error_desc:

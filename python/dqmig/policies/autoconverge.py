@@ -13,16 +13,19 @@ if TYPE_CHECKING:
 
 TIMESLICE_S = 0.010  # CPU_THROTTLE_TIMESLICE: each vCPU runs this long between sleeps
 PERIOD_S = 1.0  # the trigger is checked at a dirty sync at most once per period
-PERIODIC_SYNC_S = 5.0  # QEMU 9.2: forced dirty sync when an iteration runs longer
+PERIODIC_SYNC_S = 5.0  # CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS (QEMU 9.2+)
 
 
 class Trigger:
     """QEMU's migration_trigger_throttle, shared by auto-converge and dirty-limit.
 
-    At a dirty sync >= 1 s after the period began: the bytes newly dirtied in the period are
-    compared with the bytes sent in it; above `throttle-trigger-threshold` % and at the
-    second such hit, it fires. Quirk kept from QEMU: the hit count is never reset when the
-    condition is false, so two hits need not be consecutive.
+    The period begins at the setup sync (`start`; migration_bitmap_sync sets
+    time_last_bitmap_sync at the first sync), so the first check can come at sync 2, the end
+    of the bulk pass. At a dirty sync more than 1 s after the period began, the bytes newly
+    dirtied in the period are compared with `throttle-trigger-threshold` % of the bytes sent
+    in it (integer bytes, as QEMU's uint64 arithmetic); above it and at the second such hit,
+    it fires, and a new period begins. Quirk kept from QEMU: the hit count is never reset
+    when the condition is false, so two hits need not be consecutive.
     """
 
     def __init__(self, threshold_pct: int) -> None:
@@ -32,17 +35,20 @@ class Trigger:
         self.dirty_at_start = 0
         self.xfer_at_start = 0
         self.bytes_dirty_period = 0
-        self.bytes_dirty_threshold = 0.0
+        self.bytes_dirty_threshold = 0
+
+    def start(self, m: Migration, t: float) -> None:
+        """Begins the first period: call at the setup sync (Policy.start)."""
+        self._reset(m, t)
 
     def check(self, m: Migration, t: float) -> bool:
         if self.period_start is None:
-            self._reset(m, t)
-            return False
-        if t - self.period_start < PERIOD_S:
+            raise RuntimeError("Trigger.check before Trigger.start (the setup sync)")
+        if t - self.period_start <= PERIOD_S:  # QEMU: end_time > time_last_bitmap_sync + 1000
             return False
         self.bytes_dirty_period = (m.new_dirty_pages - self.dirty_at_start) * m.page_size
         bytes_xfer_period = m.transferred - self.xfer_at_start
-        self.bytes_dirty_threshold = bytes_xfer_period * self.threshold_pct / 100
+        self.bytes_dirty_threshold = bytes_xfer_period * self.threshold_pct // 100
         self._reset(m, t)
         if self.bytes_dirty_period > self.bytes_dirty_threshold:
             self.high_count += 1
@@ -55,6 +61,29 @@ class Trigger:
         self.period_start, self.dirty_at_start, self.xfer_at_start = t, m.new_dirty_pages, m.transferred
 
 
+class PeriodicSync:
+    """QEMU 9.2+'s dirty-sync timer under auto-converge (cpu_throttle_dirty_sync_timer_tick):
+    armed when the migration starts, it ticks every 5 s. A tick does nothing while
+    dirty-sync-count <= 1 (the bulk pass sends everything anyway); after that it syncs only
+    when no sync happened since the previous tick. The migration thread asks `due` between
+    send steps; a tick it notices late counts from when it was noticed, as QEMU re-arms the
+    timer 5 s after each tick ran."""
+
+    def __init__(self, armed_at: float, interval: float = PERIODIC_SYNC_S) -> None:
+        self.interval = interval
+        self.next_tick = armed_at + interval
+        self.count_prev = 0  # dirty-sync-count at the previous tick (throttle_dirty_sync_count_prev)
+
+    def due(self, t: float, sync_count: int) -> bool:
+        """True when a tick at or before `t` calls for a dirty sync; the caller then syncs."""
+        if t < self.next_tick:
+            return False
+        self.next_tick = t + self.interval
+        sync = sync_count > 1 and sync_count == self.count_prev
+        self.count_prev = sync_count + 1 if sync else sync_count  # the count after this tick
+        return sync
+
+
 def next_percentage(
     pct: int,
     *,
@@ -62,19 +91,24 @@ def next_percentage(
     increment: int,
     maximum: int,
     tailslow: bool,
-    bytes_dirty_period: float,
-    bytes_dirty_threshold: float,
+    bytes_dirty_period: int,
+    bytes_dirty_threshold: int,
 ) -> int:
-    """mig_throttle_guest_down: the new throttle percentage after a trigger."""
-    if pct == 0:
+    """mig_throttle_guest_down then cpu_throttle_set: the new throttle percentage after a
+    trigger. The first trigger sets `cpu-throttle-initial`, which max-cpu-throttle does not
+    cap (so a later step, capped, can lower the throttle); later ones add the increment, or
+    with tailslow at most the step to the ideal CPU share, whose integer truncation makes the
+    step round up (never 0). cpu_throttle_set clamps the result to [1, 99]."""
+    if pct == 0:  # !cpu_throttle_active()
         new = initial
-    elif not tailslow:
-        new = pct + increment
     else:
-        cpu_now = 100 - pct
-        cpu_ideal = cpu_now * (bytes_dirty_threshold / bytes_dirty_period) if bytes_dirty_period else cpu_now
-        new = pct + int(min(cpu_now - cpu_ideal, increment))
-    return max(1, min(new, maximum, 99))
+        inc = increment
+        if tailslow and bytes_dirty_period > 0:
+            cpu_now = 100 - pct
+            cpu_ideal = int(cpu_now * (bytes_dirty_threshold / bytes_dirty_period))  # uint64_t
+            inc = min(cpu_now - cpu_ideal, increment)
+        new = min(pct + inc, maximum)
+    return max(1, min(new, 99))
 
 
 class AutoConverge(Policy):
@@ -84,12 +118,24 @@ class AutoConverge(Policy):
         super().__init__(vm, params)
         self.percentage = 0
         self.trigger = Trigger(params.throttle_trigger_threshold)
-        self.periodic_sync_s = PERIODIC_SYNC_S if params.x_cpu_throttle_periodic_sync else 0.0
+        self.periodic: PeriodicSync | None = None
         self._next_sleep = [0.0] * len(vm.all_writers)
         self.history: list[tuple[float, int]] = []
 
+    def start(self, migration: Migration) -> None:
+        super().start(migration)
+        self.trigger.start(migration, self.clock())
+        if self.params.x_cpu_throttle_periodic_sync:
+            # QEMU arms the timer in migration_thread, before the setup; a policy switched to
+            # mid-migration (dirty quota's fallback) arms it now.
+            setup = migration.dirty_sync_count <= 1
+            self.periodic = PeriodicSync(migration.t_start if setup else self.clock())
+
+    def periodic_sync_due(self, m: Migration, t: float) -> bool:
+        return self.periodic is not None and self.periodic.due(t, m.dirty_sync_count)
+
     def on_sync(self, m: Migration) -> None:
-        if self.trigger.check(m, now()):
+        if self.trigger.check(m, self.clock()):
             p = self.params
             self.percentage = next_percentage(
                 self.percentage,
@@ -100,7 +146,7 @@ class AutoConverge(Policy):
                 bytes_dirty_period=self.trigger.bytes_dirty_period,
                 bytes_dirty_threshold=self.trigger.bytes_dirty_threshold,
             )
-            self.history.append((now(), self.percentage))
+            self.history.append((self.clock(), self.percentage))
 
     def handle_exit(self, vm, vcpu: _native.Vcpu, exit: _native.Exit) -> None:  # type: ignore[no-untyped-def]
         super().handle_exit(vm, vcpu, exit)
