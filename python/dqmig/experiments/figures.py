@@ -262,7 +262,8 @@ def _room_for_labels(ax: Axes, values: list[float]) -> None:
 
 
 def _pace_panel(ax: Axes, runs: list[dict[str, Any]], y: np.ndarray) -> None:
-    """Each class's pace during the migration as a share of its pace before (100 % = unharmed)."""
+    """Each class's pace during the migration as a share of its pace before (100 % = unharmed);
+    a diamond marks the same net of steal (per second the vCPU was not descheduled)."""
     classes = [c for c in CLASS_ORDER if any(c in r["slowdown"] for r in runs)]
     height = 0.8 / max(1, len(classes))
     for j, cls in enumerate(classes):
@@ -271,9 +272,12 @@ def _pace_panel(ax: Axes, runs: list[dict[str, Any]], y: np.ndarray) -> None:
         color = plt.get_cmap(CLASS_MAPS[cls])(0.7)
         bars = ax.barh(at, np.nan_to_num(kept), height=height, color=color, label=f"{cls}s' pace kept")
         ax.bar_label(bars, ["" if np.isnan(x) else f"{x:.0f}" for x in kept], padding=3, bbox=LABEL_BOX)
+        net = [(1 - r["net-slowdown"][cls]) * 100 if cls in r.get("net-slowdown", {}) else np.nan for r in runs]
+        ax.plot(net, at, ls="", marker="D", ms=5, color="0.15", label="net of steal" if j == 0 else None)
     ax.axvline(100, zorder=0.9, **BEFORE)  # behind the bars and their labels
     ax.set_title("guest pace kept (% of before)", loc="left")
-    ax.set_xlim(0, max(120, *(125 * (1 - s) for r in runs for s in r["slowdown"].values())))
+    shown = [s for r in runs for key in ("slowdown", "net-slowdown") for s in r.get(key, {}).values()]
+    ax.set_xlim(0, max(120, *(125 * (1 - s) for s in shown)))
 
 
 # -- compare figures -----------------------------------------------------------------------------
