@@ -383,6 +383,8 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         return 1
     vm = result.vm
     assert vm is not None
+    if result.unconfirmed:
+        print(f"dqmig incoming: warning: the guest runs here, but {result.unconfirmed}", file=sys.stderr, flush=True)
     names = vm.writer_names()
     before = [v.progress for v in vm.all_writers]
     time.sleep(args.run_after)
@@ -400,6 +402,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         "source-digest-time-ms": None if result.source_digest_time is None else int(result.source_digest_time * 1000),
         "run-after-s": args.run_after,
         "progress-after-resume": {n: a - b for n, a, b in zip(names, after, before, strict=True)},
+        "unconfirmed": result.unconfirmed,
         "peak-rss": peak_rss(),
     }
     print(

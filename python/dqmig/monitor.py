@@ -6,6 +6,7 @@ QmpError, which the server turns into `{"error": {"class": ..., "desc": ...}}`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -71,14 +72,37 @@ class Monitor:
         return {"status": status, "running": status == "running", "singlestep": False}
 
     def stop(self, args: dict[str, Any]) -> dict[str, Any]:
-        self.vm.pause()
+        with self._run_state():
+            self._refuse_during_switchover("stop")
+            self.vm.pause()
         return {}
 
     def cont(self, args: dict[str, Any]) -> dict[str, Any]:
-        if self.migration is not None and self.migration.status == "completed":
-            raise QmpError("Migration is complete: the guest runs on the destination; cannot cont")
-        self.vm.resume()
+        """Refused from the switchover's stop until the migration has failed or completed,
+        after completion, and after a failure past the point of no return, unless
+        `x-override-split-brain-check` is true: the destination may be running the guest."""
+        with self._run_state():
+            self._refuse_during_switchover("cont")
+            m = self.migration
+            if m is not None and m.status == "completed":
+                raise QmpError("Migration is complete: the guest runs on the destination; cannot cont")
+            if m is not None and m.outcome_unknown and args.get("x-override-split-brain-check") is not True:
+                raise QmpError(
+                    "The switchover's outcome is unknown: the destination may be running this guest, and "
+                    "running it here too would run it twice. Check the destination; to resume here anyway, "
+                    "cont with x-override-split-brain-check: true"
+                )
+            self.vm.resume()
         return {}
+
+    def _run_state(self) -> Any:
+        """The latest migration's run-state lock: a stop or cont never interleaves with the
+        switchover's stop of the vCPUs."""
+        return self.migration.run_state_lock if self.migration is not None else contextlib.nullcontext()
+
+    def _refuse_during_switchover(self, command: str) -> None:
+        if self.migration is not None and self.migration.status == "device":
+            raise QmpError(f"The migration is switching over: {command} is refused until it has failed or completed")
 
     def migrate_set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
         """All or nothing. During a migration only dirty-quota may change (dqmig's live

@@ -144,6 +144,7 @@ class VM:
         self._parked = 0
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
+        self._ran = [False] * n  # each writer came back from its first run()
 
     @property
     def all_writers(self) -> list[_native.Vcpu]:
@@ -209,6 +210,17 @@ class VM:
                 self._cv.wait(left)
         return time.monotonic() - t0
 
+    def wait_running(self, timeout: float = JOIN_TIMEOUT_S) -> None:
+        """Returns once every writer's thread has run its program (come back from a first
+        run()); raises VmError if one failed or did not get there in time."""
+        with self._cv:
+            ok = self._cv.wait_for(lambda: self._errors or all(self._ran), timeout)
+        if self._errors:
+            raise VmError(f"a vCPU thread failed: {self._errors[0]!r}") from self._errors[0]
+        if not ok:
+            stuck = [n for n, ran in zip(self.writer_names(), self._ran, strict=True) if not ran]
+            raise VmError(f"vCPUs did not start running within {timeout} s: {', '.join(stuck)}")
+
     def _live(self, started: int) -> int:
         return min(started, sum(t.is_alive() for t in self._threads))
 
@@ -242,6 +254,10 @@ class VM:
                         return
                     continue
                 exit = vcpu.run(timeslice)
+                if not self._ran[slot]:
+                    with self._cv:
+                        self._ran[slot] = True
+                        self._cv.notify_all()
                 if exit.reason == "DONE":
                     self.done[slot] = True
                     self._park_until_stop()

@@ -29,6 +29,10 @@ POLL_S = 0.1
 StreamError = _native.MigrationStreamError
 
 
+class PeerError(StreamError):
+    """The peer said why it failed (an Error record): it is alive and knows the outcome."""
+
+
 def parse_uri(uri: str) -> tuple[str, int]:
     """('127.0.0.1', 4444) from 'tcp:127.0.0.1:4444' (QEMU's form; IPv6 as tcp:[::1]:4444)."""
     scheme, _, rest = uri.partition(":")
@@ -119,7 +123,7 @@ def expect(ch: _native.Channel, *records: str) -> tuple[str, bytes]:
     t, payload, _ = ch.receive()
     name = REC_NAME.get(t, str(t))
     if name == "Error":
-        raise StreamError(f"peer reported: {payload.decode(errors='replace')}")
+        raise PeerError(f"peer reported: {payload.decode(errors='replace')}")
     if name not in records:
         raise _native.ProtocolError(f"expected {' or '.join(records)}, got {name}")
     return name, payload

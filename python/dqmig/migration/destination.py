@@ -17,9 +17,10 @@ from dqmig import _native
 from dqmig.migration import channel
 from dqmig.migration.channel import REC, REC_NAME, StreamError
 from dqmig.programs import ProgramSpec
-from dqmig.vm import VM, VmConfig
+from dqmig.vm import VM, VmConfig, VmError
 
 MAX_VCPUS = 1024
+RUNNING_TIMEOUT_S = 30.0  # every vCPU back from its first run() before "resumed" goes out
 WORKER_GRACE_S = 1.0  # after the main channel fails, how long page channels get to report
 MAX_CHANNELS = 255
 
@@ -40,6 +41,7 @@ class IncomingResult:
     digest_time: float = 0.0  # this side's hash
     source_digest_time: float | None = None  # the source's, from its completion record
     vm: VM | None = None
+    unconfirmed: str | None = None  # the guest runs here but the source may not know it
 
 
 def host_memory() -> int:
@@ -231,6 +233,8 @@ class Incoming:
                 raise _native.ProtocolError(f"unexpected {name} record on the main channel")
 
     def _verify_and_resume(self, main: Any, guest: _native.Guest, state: dict[str, Any]) -> VM:
+        """Verifies the copy and starts the guest here. An Error record goes to the source only
+        while no guest runs here: the source may then resume its own (it knows the outcome)."""
         # Every page is in: hash this copy while the source hashes its own (the source's
         # digest comes in the completion record), then compare.
         t0 = time.monotonic()
@@ -258,10 +262,17 @@ class Incoming:
             raise IncomingError(reason) from None
         vm.start()  # the guest runs here now: downtime ends
         try:
+            vm.wait_running(RUNNING_TIMEOUT_S)  # "resumed" only once every vCPU really runs
+        except VmError as e:
+            vm.stop()
+            _tell(main, f"the guest did not run on the destination: {e}")
+            raise IncomingError(f"the guest did not run on the destination: {e}") from None
+        try:
             channel.send_json(main, "Resumed", {"verify_time": self.result.verify_time})
         except (StreamError, OSError) as e:
-            vm.stop()  # the source will resume its copy: never run two
-            raise IncomingError(f"cannot confirm the resume to the source: {e}") from None
+            # Past the completion record the source never resumes its copy by itself (it
+            # stays paused, outcome unknown), so the guest keeps running here: exactly one.
+            self.result.unconfirmed = f"the source did not get the resume confirmation: {e}"
         return vm
 
 

@@ -94,6 +94,9 @@ class Migration:
         self._dirty_bytes_last_sync = 0
         self.digest_time: float | None = None  # the source's own hash at switchover
         self._committed = False  # the completion record went out: the destination decides
+        self.outcome_unknown = False  # failed after the commit: the guest may run there
+        self.resume_timeout = RESUME_TIMEOUT_S
+        self.run_state_lock = threading.Lock()  # held by the switchover's stop and by QMP stop/cont
         self._window_start = 0.0
         self._window_bytes = 0
         self._window_pages = 0
@@ -157,13 +160,32 @@ class Migration:
             self.converged = False
             self._fail("cancelled", str(e))
         except Exception as e:  # anything else fails the migration; the source VM runs on
-            if self._cancel.is_set():
+            reason = str(e) if isinstance(e, StreamError | OSError | ValueError) else repr(e)
+            if self._committed and not isinstance(e, channel.PeerError):
+                # Silence after the commit: the destination may be running the guest.
+                self._fail_after_commit(reason)
+            elif self._cancel.is_set():
                 self._fail("cancelled", self._cancel_reason)
             else:
-                self._fail("failed", str(e) if isinstance(e, StreamError | OSError | ValueError) else repr(e))
+                self._fail("failed", reason)
         finally:
             self.total_time = time.monotonic() - self.t_start
             self._close()
+
+    def _fail_after_commit(self, reason: str) -> None:
+        """Past the point of no return (the completion record went out) the destination may
+        run the guest: the source never resumes by itself. It stays paused and says the
+        outcome is unknown; QMP `cont` refuses to run it (see Monitor.cont)."""
+        self._stop_policy()
+        self.vm.stop_dirty_log()
+        self.outcome_unknown = True
+        self._paused_by_us = False
+        self.error_desc = (
+            f"switchover outcome unknown: {reason}. The guest stays paused here: the destination "
+            "may be running it (check there before resuming this copy)"
+        )
+        self.status = "failed"
+        self._sample("end")
 
     def _fail(self, status: str, reason: str) -> None:
         self._stop_policy()
@@ -416,13 +438,14 @@ class Migration:
     # -- switchover ------------------------------------------------------------------------
 
     def _complete(self) -> None:
-        self.status = "device"
-        self.t_stop = time.monotonic()
-        was_running = self.vm.running
-        # Downtime starts. Interruptible throttle sleeps end at once; dirty-limit's (QEMU's
-        # g_usleep) are waited out, and the time that takes is the stop latency.
-        self.stop_latency = self.vm.pause()
-        self._paused_by_us = was_running  # a guest the user had stopped stays stopped on failure
+        with self.run_state_lock:  # a QMP stop/cont sees either state, never half of this
+            self.status = "device"
+            self.t_stop = time.monotonic()
+            was_running = self.vm.running
+            # Downtime starts. Interruptible throttle sleeps end at once; dirty-limit's (QEMU's
+            # g_usleep) are waited out, and the time that takes is the stop latency.
+            self.stop_latency = self.vm.pause()
+            self._paused_by_us = was_running  # a guest the user had stopped stays stopped on failure
         self._stop_policy()
         self._sample("stop")
         self._merge_harvest(final=True)
@@ -450,7 +473,7 @@ class Migration:
             self._committed = True
         complete = {"digest": digest, "transferred": self.transferred, "digest_time": self.digest_time}
         channel.send_json(self._main, "Complete", complete)
-        self._main.set_timeout(RESUME_TIMEOUT_S)
+        self._main.set_timeout(self.resume_timeout)
         _, payload = channel.expect(self._main, "Resumed")
         now = time.monotonic()
         self.downtime = self._sent_all_t - self.t_stop

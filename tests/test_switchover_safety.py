@@ -1,0 +1,142 @@
+"""At most one guest runs, none is lost: the switchover under faults and QMP interference.
+
+QEMU's rule, which dqmig follows: after the point of no return (here, the completion record
+with the digest has gone out) the source never resumes its guest by itself; a guest may end
+up paused on both sides, with both saying why, but never running on both.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from dqmig.migration import destination as destination_module
+from dqmig.migration.params import MigrationParameters
+from dqmig.migration.source import Migration
+from dqmig.monitor import Monitor, QmpError
+from dqmig.programs import ProgramSpec, own_regions
+from dqmig.units import MiB
+from dqmig.vm import VM, VmConfig
+
+MEMORY = 16 * MiB
+RESUME_TIMEOUT_S = 0.5  # the source's wait for "resumed", shortened for the test
+RUN_S = 30.0
+
+
+def writer_config() -> VmConfig:
+    (w0, n0), (w1, n1) = own_regions(MEMORY // 4096, 2)
+    programs = [
+        ProgramSpec("uniform", region_start=w0, region_pages=n0, rate=20000, seed=1),
+        ProgramSpec("sequential", region_start=w1, region_pages=n1, rate=5000, seed=2),
+    ]
+    return VmConfig(vcpus=2, memory=MEMORY, programs=programs)
+
+
+class RunWatch:
+    """Samples vm.running on a thread; `ran_after(t)` is whether it ever ran after t."""
+
+    def __init__(self, vm: VM) -> None:
+        self.vm, self.seen, self._stop = vm, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.seen.append((time.monotonic(), self.vm.running))
+            time.sleep(0.002)
+
+    def ran_after(self, t: float) -> bool:
+        self._stop.set()
+        self.thread.join(5)
+        return any(running for at, running in self.seen if at > t)
+
+
+def test_a_late_resumed_never_runs_the_guest_twice(start_destination, wait_until, monkeypatch):
+    """Defect 1 of the adversarial pass: the destination stalls after the completion record
+    (as if stopped with SIGSTOP) past the source's wait for "resumed", then goes on. The
+    source must not resume its copy: it fails with the outcome unknown and stays paused,
+    QMP cont refuses (naming the override); the destination runs the guest: exactly one."""
+    released = threading.Event()
+    original = destination_module._receive_complete
+
+    def stalled(main):  # type: ignore[no-untyped-def]
+        complete = original(main)
+        released.wait(RUN_S)  # the source gives up meanwhile
+        return complete
+
+    monkeypatch.setattr(destination_module, "_receive_complete", stalled)
+    with start_destination() as rx, VM(writer_config()) as vm:
+        time.sleep(0.1)
+        m = Migration(vm, rx.uri, MigrationParameters(max_bandwidth=0, x_max_time=RUN_S))
+        m.resume_timeout = RESUME_TIMEOUT_S
+        watch = RunWatch(vm)
+        m.start()
+        wait_until(lambda: m._committed or not m.active, timeout=RUN_S, what="the commit")
+        committed_at = time.monotonic()
+        assert m.wait(RUN_S) == "failed"
+        assert m.outcome_unknown and "switchover outcome unknown" in (m.error_desc or "")
+        assert "the destination may be running it" in (m.error_desc or "")
+        monitor = Monitor(vm, m.params)
+        monitor.migration = m
+        with pytest.raises(QmpError, match="x-override-split-brain-check"):
+            monitor.execute("cont", {})
+        assert monitor.execute("query-status", {})["running"] is False
+        released.set()  # the destination goes on: verifies, resumes
+        rx.join()
+        assert rx.error is None, rx.error
+        assert rx.result is not None and rx.result.vm is not None and rx.result.vm.running
+        assert rx.result.digest == vm.guest.digest(), "nothing lost"
+        assert not watch.ran_after(committed_at), "the source never ran its copy after the commit"
+        # The operator's explicit override is the only way to run the source's copy.
+        monitor.execute("cont", {"x-override-split-brain-check": True})
+        assert vm.running
+
+
+def test_qmp_cont_and_stop_are_refused_during_switchover():
+    """Defect 2: from the vCPUs' stop for switchover until the migration has failed or
+    completed, cont (and stop) would change the run state under the final copy: refused."""
+    vm = VM(writer_config())
+    m = Migration(vm, "tcp:127.0.0.1:1")
+    monitor = Monitor(vm, m.params)
+    monitor.migration = m
+    m.status = "device"
+    for command in ("cont", "stop"):
+        with pytest.raises(QmpError, match="switching over"):
+            monitor.execute(command, {})
+    assert monitor.execute("query-status", {})["status"] == "finish-migrate"
+
+
+def test_cont_spammed_through_a_migration_never_corrupts_it(start_destination, wait_until):
+    """Defect 2, end to end: a QMP client sending cont as fast as it can through the whole
+    migration. Before the fix a cont landing in the switchover ran the vCPUs under the final
+    copy (the destination rejected the digest) or after the commit (two guests ran)."""
+    with start_destination() as rx, VM(writer_config()) as vm:
+        time.sleep(0.1)
+        m = Migration(vm, rx.uri, MigrationParameters(max_bandwidth=64 * MiB, x_max_time=RUN_S))
+        monitor = Monitor(vm, m.params)
+        monitor.migration = m
+        done = threading.Event()
+        refused = [0]
+
+        def spam() -> None:
+            while not done.is_set():
+                try:
+                    monitor.execute("cont", {})
+                except QmpError:
+                    refused[0] += 1
+
+        spammer = threading.Thread(target=spam, daemon=True)
+        m.start()
+        spammer.start()
+        try:
+            assert m.wait(RUN_S) == "completed", m.error_desc
+        finally:
+            done.set()
+            spammer.join(5)
+        rx.join()
+        assert rx.error is None, rx.error
+        assert rx.result is not None and rx.result.digest == vm.guest.digest()
+        assert not vm.running, "the source stays stopped: the guest runs on the destination"
+        assert refused[0] > 0, "some cont met the switchover or the completed migration"
