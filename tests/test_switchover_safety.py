@@ -140,3 +140,35 @@ def test_cont_spammed_through_a_migration_never_corrupts_it(start_destination, w
         assert rx.result is not None and rx.result.digest == vm.guest.digest()
         assert not vm.running, "the source stays stopped: the guest runs on the destination"
         assert refused[0] > 0, "some cont met the switchover or the completed migration"
+
+
+@pytest.mark.parametrize(("field", "value"), [("rate", 1e-20), ("compute", 4294967295), ("position", 1 << 40)])
+def test_a_bad_device_state_is_refused_before_the_guest_runs(field, value, start_destination, wait_until, monkeypatch):
+    """Defect 3: a device state whose program the destination cannot execute (a rate whose
+    token wait overflows, a step of 4e9 rotations no kick can interrupt, a position outside
+    the region) crashed or hung the destination after it had said "resumed". Now every
+    field is checked before any vCPU starts; the destination says why, and the source, which
+    hears it, resumes its own guest: one guest runs, nothing is lost."""
+    import json
+
+    cfg = writer_config()
+    cfg.programs[1] = ProgramSpec("read-mostly", region_start=cfg.programs[1].region_start, region_pages=64, seed=3)
+    original = Migration._device_state
+
+    def poisoned(self):  # type: ignore[no-untyped-def]
+        state = original(self)
+        program = json.loads(state["vcpus"][1])
+        (program if field == "position" else program["spec"])[field] = value
+        state["vcpus"][1] = json.dumps(program)
+        return state
+
+    monkeypatch.setattr(Migration, "_device_state", poisoned)
+    with start_destination() as rx, VM(cfg) as vm:
+        time.sleep(0.1)
+        m = Migration(vm, rx.uri, MigrationParameters(max_bandwidth=0, x_max_time=RUN_S)).start()
+        assert m.wait(RUN_S) == "failed"
+        assert "bad device state" in (m.error_desc or "") and field in (m.error_desc or ""), m.error_desc
+        assert not m.outcome_unknown, "the destination said it did not run the guest"
+        wait_until(lambda: vm.running, what="the source to resume its guest")
+        rx.join()
+        assert rx.error is not None and rx.result is None, "no guest runs on the destination"

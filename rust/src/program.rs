@@ -56,6 +56,14 @@ fn default_write_size() -> u64 {
     8
 }
 
+/// Rate limits a program can keep: the slowest waits 1000 s between steps (a token wait is
+/// a `Duration`), the fastest is beyond any host's flat-out pace.
+pub const MIN_RATE: f64 = 1e-3;
+pub const MAX_RATE: f64 = 1e12;
+/// Compute rotations per read-mostly step: at most about a millisecond, since a kick (a
+/// pause, the switchover's stop) is seen between steps.
+pub const MAX_COMPUTE: u32 = 1 << 20;
+
 impl ProgramSpec {
     pub fn idle() -> Self {
         Self::new(Workload::Idle)
@@ -98,8 +106,11 @@ impl ProgramSpec {
                 self.write_size
             ));
         }
-        if !(self.rate.is_finite() && self.rate >= 0.0) {
-            return bad(format!("rate {} must be >= 0 steps/s", self.rate));
+        if !(self.rate == 0.0 || (MIN_RATE..=MAX_RATE).contains(&self.rate)) {
+            return bad(format!(
+                "rate {:?} must be 0 (flat out) or between {MIN_RATE} and {MAX_RATE:e} steps/s",
+                self.rate
+            ));
         }
         match self.workload {
             Workload::HotCold {
@@ -117,6 +128,11 @@ impl ProgramSpec {
             }
             Workload::ReadMostly { write_share, .. } if !(0.0..=1.0).contains(&write_share) => {
                 return bad(format!("write_share {write_share} must be in [0, 1]"));
+            }
+            Workload::ReadMostly { compute, .. } if compute > MAX_COMPUTE => {
+                return bad(format!(
+                    "compute {compute} must be at most {MAX_COMPUTE} per step"
+                ));
             }
             _ => {}
         }
@@ -363,11 +379,18 @@ mod tests {
             ..base.clone()
         })
         .contains("write_size"));
-        assert!(err(ProgramSpec {
-            rate: -1.0,
-            ..base.clone()
-        })
-        .contains("rate"));
+        for rate in [-1.0, 1e-20, f64::NAN, f64::INFINITY, 1e13] {
+            assert!(err(ProgramSpec {
+                rate,
+                ..base.clone()
+            })
+            .contains("rate"));
+        }
+        let heavy = Workload::ReadMostly {
+            write_share: 0.0,
+            compute: u32::MAX,
+        };
+        assert!(err(ProgramSpec::new(heavy)).contains("compute 4294967295"));
         let hc = Workload::HotCold {
             hot_fraction: 0.0,
             hot_probability: 0.5,

@@ -420,7 +420,15 @@ mod tests {
 
     #[test]
     fn reap_vcpu_empties_only_that_ring() {
-        let t = DirtyTracker::new(100, TrackMode::Ring { size: 256, pml: false }, 2).unwrap();
+        let t = DirtyTracker::new(
+            100,
+            TrackMode::Ring {
+                size: 256,
+                pml: false,
+            },
+            2,
+        )
+        .unwrap();
         t.start_logging();
         for p in 0..5 {
             t.mark(p, Writer::Vcpu(0));

@@ -435,8 +435,10 @@ impl Vcpu {
             st.tokens = (st.tokens + (now - last).as_secs_f64() * rate).min(burst);
             st.refilled = Some(now);
             if st.tokens < 1.0 {
-                let wait = Duration::from_secs_f64((1.0 - st.tokens) / rate);
-                self.halt_until((now + wait).min(deadline));
+                // No later than the deadline, which also bounds the Duration for any rate.
+                let left = deadline.saturating_duration_since(now).as_secs_f64();
+                let wait = Duration::from_secs_f64(((1.0 - st.tokens) / rate).min(left));
+                self.halt_until(now + wait);
                 return false;
             }
         }
