@@ -247,6 +247,13 @@ AFTER_HANDSHAKE = {
     "source-error": (record("Error", b"disk on fire"), "source reported: disk on fire"),
     "complete-before-device-state": (jrec("Complete", {"digest": ZERO_DIGEST}), "completion before device state"),
     "device-state-not-json": (record("DeviceState", b"{nope"), "DeviceState record is not valid JSON"),
+    # Nested past Python's recursion limit (a RecursionError escaped before) and past the bound.
+    "device-state-nested-100k": (record("DeviceState", b"[" * 100_000 + b"]" * 100_000), "nests deeper than 32"),
+    "device-state-nested-33": (record("DeviceState", b"[" * 33 + b"]" * 33), "nests deeper than 32"),
+    "complete-nested": (
+        jrec("DeviceState", {}) + record("Complete", b'{"a":' * 50_000 + b"1" + b"}" * 50_000),
+        "Complete record nests deeper than 32",
+    ),
     "device-state-not-utf8": (record("DeviceState", b"\xff\xfe"), "not valid JSON"),
     "complete-not-json": (jrec("DeviceState", {}) + record("Complete", b"\x00"), "Complete record is not valid JSON"),
     "digest-mismatch": (

@@ -100,11 +100,35 @@ def send_json(ch: _native.Channel, record: str, obj: Any) -> None:
     ch.send_record(REC[record], json.dumps(obj).encode())
 
 
+MAX_JSON_DEPTH = 32  # control records nest a few levels; their size is bounded in Rust (16 MiB)
+
+
 def decode_json(record: str, payload: bytes) -> Any:
+    """A control record's JSON, nested at most MAX_JSON_DEPTH deep; anything else is a
+    protocol error naming the record (never a RecursionError escaping the receiver)."""
     try:
-        return json.loads(payload)
+        value = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _native.ProtocolError(f"{record} record is not valid JSON: {e}") from None
+    except RecursionError:
+        value, depth = None, MAX_JSON_DEPTH + 1
+    else:
+        depth = _depth(value)
+    if depth > MAX_JSON_DEPTH:
+        raise _native.ProtocolError(f"{record} record nests deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, walked without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            if d <= MAX_JSON_DEPTH:
+                stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def send_u64(ch: _native.Channel, record: str, value: int) -> None:
