@@ -409,3 +409,29 @@ def test_qmp_server_survives_pathological_json(vm, socket_path):
         c.sock.close()
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("number", [b"Infinity", b"-Infinity", b"NaN", b"1" + b"0" * 400, b"1e400", b"-1e400"])
+def test_out_of_range_numbers_name_the_parameter(session, number):
+    """Adversarial pass, defect 9: Infinity, NaN and 10**400 gave "internal error" without the
+    parameter's name; every numeric input is range-checked with the parameter named."""
+    line = b'{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": ' + number + b"}}"
+    desc = session.handle_line(line)["error"]["desc"]
+    assert "Parameter 'downtime-limit' expects" in desc and "internal" not in desc
+    assert len(desc) < 200
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--param", "downtime-limit=1e400"], ["--param", "max-bandwidth=1e400"], ["--max-bandwidth", "9" * 400 + "T"]],
+)
+def test_cli_numbers_out_of_range_are_usage_errors(argv, capsys):
+    from dqmig.cli import main
+
+    try:
+        code = main(["migrate", "--memory", "16M", *argv])
+    except SystemExit as e:  # argparse's own usage errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert ("max-bandwidth" in err or "downtime-limit" in err) and "Traceback" not in err, err

@@ -5,6 +5,7 @@ dqmig's own parameters carry QEMU's `x-` prefix for experimental ones.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -91,11 +92,15 @@ class MigrationParameters:
         else:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"Parameter '{name}' expects a number")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"Parameter '{name}' expects a finite number, not {value}")
+            if not spec.lo <= value <= spec.hi:  # before any conversion: 10**400 is an int too
+                raise ValueError(
+                    f"Parameter '{name}' expects a value in [{spec.lo:g}, {spec.hi:g}], not {_show_number(value)}"
+                )
             if spec.kind is int and value != int(value):
                 raise ValueError(f"Parameter '{name}' expects an integer")
             value = spec.kind(value)
-            if not spec.lo <= value <= spec.hi:
-                raise ValueError(f"Parameter '{name}' expects a value in [{spec.lo:g}, {spec.hi:g}], not {value}")
         setattr(self, _attr(name), value)
 
     def set_capability(self, name: str, state: bool) -> None:
@@ -156,6 +161,11 @@ def value_of(name: str, value: Any) -> Any:
     return int(number) if spec.kind is int and number.is_integer() else number
 
 
+def _show_number(value: float) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
+
+
 def _attr(name: str) -> str:
     return name.replace("-", "_")
 
@@ -172,6 +182,8 @@ def parse_bandwidth(text: str | int) -> int:
     if not m:
         raise ValueError(f"bad bandwidth {text!r}: expected e.g. 134217728, 125M, 1Gbit, 100Mbit")
     number, prefix, binary, unit = float(m.group(1)), m.group(2).lower(), m.group(3), m.group(4)
+    if not math.isfinite(number) or number > 1e30:
+        raise ValueError(f"bad bandwidth {text[:40]!r}: too large (at most {1 << 62} bytes/s)")
     power = "kmgt".index(prefix) + 1 if prefix else 0
     if unit in ("bit", "bps"):
         return int(number * (1024 if binary else 1000) ** power / 8)
