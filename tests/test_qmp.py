@@ -435,3 +435,23 @@ def test_cli_numbers_out_of_range_are_usage_errors(argv, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert ("max-bandwidth" in err or "downtime-limit" in err) and "Traceback" not in err, err
+
+
+def test_an_overlong_line_is_refused_whole(vm, socket_path):
+    """Adversarial pass, defect 8: 2 MiB of spaces then {"execute":"stop"} on one line ran
+    the stop. An over-limit line is refused as a whole, its tail included."""
+    server = QmpServer(f"unix:{socket_path}", Monitor(vm)).start()
+    try:
+        c = Client(socket_path)
+        c.read()
+        assert c.cmd("qmp_capabilities") == {"return": {}}
+        c.send(b" " * (2 << 20) + b'{"execute": "stop"}\n')
+        assert "longer than" in c.read()["error"]["desc"]
+        reply = c.cmd("query-status", id="after")
+        assert reply["id"] == "after" and reply["return"]["running"] is True, "the stop did not run"
+        c.send(b'{"execute": "query-status", "id": "one-chunk", "pad": "' + b"x" * (MAX_LINE + 10) + b'"}\n')
+        assert "longer than" in c.read()["error"]["desc"]
+        assert vm.running
+        c.sock.close()
+    finally:
+        server.close()

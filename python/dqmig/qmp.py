@@ -124,6 +124,7 @@ class QmpServer:
         session = Session(self.monitor)
         conn.settimeout(POLL_S)
         buf = b""
+        discarding = False  # inside a line already refused as too long: drop to its end
         with conn:
             try:
                 _send(conn, greeting())
@@ -137,14 +138,23 @@ class QmpServer:
                     buf += chunk
                     while b"\n" in buf:
                         line, buf = buf.split(b"\n", 1)
-                        reply = session.handle_line(line)
-                        if reply is not None:
+                        if discarding:
+                            discarding = False
+                        elif len(line) > MAX_LINE:
+                            _send(conn, _too_long())
+                        elif (reply := session.handle_line(line)) is not None:
                             _send(conn, reply)
-                    if len(buf) > MAX_LINE:
+                    if len(buf) > MAX_LINE:  # refused as a whole, whatever follows on the line
                         buf = b""
-                        _send(conn, _error(f"QMP input line longer than {MAX_LINE} bytes"))
+                        if not discarding:
+                            _send(conn, _too_long())
+                        discarding = True
             except OSError:
                 return
+
+
+def _too_long() -> dict[str, Any]:
+    return _error(f"QMP input line longer than {MAX_LINE} bytes: refused whole")
 
 
 def _listen(uri: str, path: str) -> socket.socket:
