@@ -308,3 +308,21 @@ def test_lazy_dirty_log_clear_sends_a_page_written_before_its_send_once():
 
     assert sync_send_sync(18) == (False, 0), "lazy clear: the page goes once"
     assert sync_send_sync(0) == (True, 1), "clear at the sync: the page is reported and sent again"
+
+
+def test_one_gib_pages_migrate(start_destination):
+    """Adversarial pass, defect 7: a batch of 1 GiB pages overflowed the record's u32 length,
+    so `--page-size 1G` always failed. Batches now hold at most what the length describes
+    (3 such pages). One written page of 1 GiB goes as data, the other as a zero flag."""
+    config = VmConfig(vcpus=1, memory=2 << 30, page_size=1 << 30, programs=[ProgramSpec("sequential", steps=1)])
+    with start_destination(io_timeout=30) as rx, VM(config) as vm:
+        deadline = time.monotonic() + 10
+        while not vm.done[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        m = Migration(vm, rx.uri, params()).start()
+        assert m.wait(MIGRATE_S) == "completed", m.error_desc
+        rx.join()
+        assert rx.error is None, rx.error
+        assert (m.normal, m.duplicate) == (1, 1)
+        assert rx.result is not None and rx.result.digest == vm.guest.digest()
+        rx.result.vm.stop()

@@ -191,6 +191,13 @@ impl PageStats {
     }
 }
 
+/// Pages per batch for `page_size`: MAX_BATCH_PAGES, but never more than the header's u32
+/// length can describe (3 pages of 1 GiB).
+pub fn max_batch_pages(page_size: usize) -> usize {
+    let fits = (u32::MAX as usize - 8) / (page_size + 8);
+    MAX_BATCH_PAGES.min(fits).max(1)
+}
+
 /// Writes a control record.
 pub fn send_record(
     stream: &mut TcpStream,
@@ -217,7 +224,7 @@ pub fn send_pages(
     pages: &[u64],
     batch: usize,
 ) -> Result<PageStats, StreamError> {
-    let batch = batch.clamp(1, MAX_BATCH_PAGES);
+    let batch = batch.clamp(1, max_batch_pages(mem.page_size()));
     let mut total = PageStats::default();
     for chunk in pages.chunks(batch) {
         total.add(send_batch(stream, mem, chunk)?);
@@ -505,6 +512,13 @@ mod tests {
             s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
         }
         (a, b)
+    }
+
+    #[test]
+    fn batches_of_huge_pages_fit_the_length_field() {
+        assert_eq!(max_batch_pages(4096), MAX_BATCH_PAGES);
+        assert_eq!(max_batch_pages(1 << 30), 3);
+        assert!(max_batch_pages(1 << 30) * ((1 << 30) + 8) + 8 <= u32::MAX as usize);
     }
 
     #[test]
