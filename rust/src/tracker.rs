@@ -353,6 +353,19 @@ mod tests {
         assert!(t.harvest().is_empty());
     }
 
+    /// A tracker with the smallest rings (256 entries, PML off: 192 to the soft limit).
+    fn small_rings(pages: usize, vcpus: usize) -> DirtyTracker {
+        DirtyTracker::new(
+            pages,
+            TrackMode::Ring {
+                size: 256,
+                pml: false,
+            },
+            vcpus,
+        )
+        .unwrap()
+    }
+
     fn both_modes() -> [TrackMode; 2] {
         [
             TrackMode::Bitmap,
@@ -396,15 +409,7 @@ mod tests {
 
     #[test]
     fn ring_mode_pushes_transitions_and_reaps_per_vcpu() {
-        let t = DirtyTracker::new(
-            1000,
-            TrackMode::Ring {
-                size: 256,
-                pml: false,
-            },
-            2,
-        )
-        .unwrap();
+        let t = small_rings(1000, 2);
         t.start_logging();
         for p in 0..10 {
             t.mark(p, Writer::Vcpu(0));
@@ -420,15 +425,7 @@ mod tests {
 
     #[test]
     fn reap_vcpu_empties_only_that_ring() {
-        let t = DirtyTracker::new(
-            100,
-            TrackMode::Ring {
-                size: 256,
-                pml: false,
-            },
-            2,
-        )
-        .unwrap();
+        let t = small_rings(100, 2);
         t.start_logging();
         for p in 0..5 {
             t.mark(p, Writer::Vcpu(0));
@@ -455,15 +452,7 @@ mod tests {
 
     #[test]
     fn ring_overflow_falls_back_to_bitmap() {
-        let t = DirtyTracker::new(
-            1000,
-            TrackMode::Ring {
-                size: 256,
-                pml: false,
-            },
-            1,
-        )
-        .unwrap();
+        let t = small_rings(1000, 1);
         t.start_logging();
         for p in 0..300 {
             assert!(t.mark(p, Writer::Vcpu(0)));
