@@ -261,6 +261,11 @@ AFTER_HANDSHAKE = {
         f"memory digest mismatch: source 1, destination {ZERO_DIGEST}",
     ),
     "complete-not-an-object": (jrec("DeviceState", {}) + jrec("Complete", [1]), "memory digest mismatch: source None"),
+    # A digest sent as a string used to read "source 123, destination 123".
+    "digest-as-a-string": (
+        jrec("DeviceState", {"vcpus": [idle_state()]}) + jrec("Complete", {"digest": str(ZERO_DIGEST)}),
+        f"memory digest mismatch: source '{ZERO_DIGEST}' \\(a str, not an integer\\), destination {ZERO_DIGEST}",
+    ),
     # The destination hashes its copy on the device state, then waits for the source's digest.
     "source-error-after-device-state": (
         jrec("DeviceState", {}) + record("Error", b"cancelled"),

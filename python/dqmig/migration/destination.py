@@ -251,7 +251,9 @@ class Incoming:
             self.result.source_digest_time = _seconds(complete.get("digest_time"))
         if not isinstance(complete, dict) or complete.get("digest") != digest:
             source = complete.get("digest") if isinstance(complete, dict) else None
-            msg = f"memory digest mismatch: source {source}, destination {digest}"
+            shown = source if isinstance(source, int) and not isinstance(source, bool) else repr(source)
+            kind = "" if shown is source else f" (a {type(source).__name__}, not an integer)"
+            msg = f"memory digest mismatch: source {shown}{kind}, destination {digest}"
             _tell(main, msg)
             raise IncomingError(msg)
         try:
