@@ -432,3 +432,17 @@ def test_dirty_rings_reserve_the_pml_buffer_by_default():
     v = _native.Vcpu(g, 0, ProgramSpec("sequential").to_json())
     assert v.run(5.0).reason == "DIRTY_RING_FULL"
     assert g.ring_len(0) == 1024 - 576
+
+
+def test_the_supported_vcpu_range_is_checked_first_and_1024_vcpus_run():
+    """Adversarial pass, defect 6: 2000 vCPUs were refused by the destination only after
+    minutes of starting threads; the limit is now checked before anything starts. Threads
+    start held and are released together, so a large VM starts while no vCPU holds the GIL."""
+    with pytest.raises(ValueError, match=r"vcpus must be in 1\.\.1024"):
+        VM(VmConfig(vcpus=1025, memory=MEMORY))
+    vm = VM(VmConfig.with_workload("uniform", vcpus=1024, memory=64 * MiB, writer_rate=100))
+    with vm:
+        vm.wait_running(120)  # every vCPU thread came back from a run
+        assert all(t.is_alive() for t in vm._threads)
+        vm.pause()
+        assert not vm.running

@@ -25,6 +25,9 @@ from dqmig.units import MiB
 JOIN_TIMEOUT_S = 10.0
 
 
+MAX_VCPUS = 1024  # what a destination accepts; checked on the source before anything starts
+
+
 @dataclass
 class VmConfig:
     vcpus: int = 2
@@ -57,8 +60,8 @@ class VmConfig:
         return cls(vcpus=vcpus, memory=memory, programs=programs, **kwargs)  # type: ignore[arg-type]
 
     def validate(self) -> None:
-        if self.vcpus < 1:
-            raise ValueError(f"vcpus must be >= 1, not {self.vcpus}")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ValueError(f"vcpus must be in 1..{MAX_VCPUS} (a destination hosts at most that), not {self.vcpus}")
         if self.page_size < 4096 or self.page_size & (self.page_size - 1):
             raise ValueError(f"page size {self.page_size} must be a power of two >= 4096")
         if self.memory < self.page_size:
@@ -141,6 +144,7 @@ class VM:
         self._cv = threading.Condition()
         self._paused = False
         self._stopping = False
+        self._held = False  # start(): threads wait at their first step until all exist
         self._parked = 0
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
@@ -168,12 +172,19 @@ class VM:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> VM:
+        """Starts every writer's thread held at its first step, then releases them together:
+        a thread start waits for the GIL, which running vCPUs would take every timeslice
+        (256 vCPUs took a minute to start that way)."""
         if self._threads:
             raise VmError("VM already started")
+        self._held = True
         for slot, (v, name) in enumerate(zip(self.all_writers, self.writer_names(), strict=True)):
             t = threading.Thread(target=self._vcpu_loop, args=(slot, v), name=name, daemon=True)
             self._threads.append(t)
             t.start()
+        with self._cv:
+            self._held = False
+            self._cv.notify_all()
         return self
 
     def __enter__(self) -> VM:
@@ -247,6 +258,9 @@ class VM:
 
     def _vcpu_loop(self, slot: int, vcpu: _native.Vcpu) -> None:
         timeslice = self.config.timeslice
+        with self._cv:
+            while self._held and not self._stopping:
+                self._cv.wait(0.5)
         try:
             while True:
                 if self._paused or self._stopping:

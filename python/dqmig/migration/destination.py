@@ -17,9 +17,8 @@ from dqmig import _native
 from dqmig.migration import channel
 from dqmig.migration.channel import REC, REC_NAME, StreamError
 from dqmig.programs import ProgramSpec
-from dqmig.vm import VM, VmConfig, VmError
+from dqmig.vm import MAX_VCPUS, VM, VmConfig, VmError
 
-MAX_VCPUS = 1024
 RUNNING_TIMEOUT_S = 30.0  # every vCPU back from its first run() before "resumed" goes out
 WORKER_GRACE_S = 1.0  # after the main channel fails, how long page channels get to report
 MAX_CHANNELS = 255
