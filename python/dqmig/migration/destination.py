@@ -86,11 +86,15 @@ class Incoming:
         host, port = self.listener.getsockname()[:2]
         return f"tcp:{host}:{port}" if ":" not in host else f"tcp:[{host}]:{port}"
 
-    def _accept(self, timeout: float | None) -> _native.Channel:
+    def _accept(self, timeout: float | None, what: str = "") -> _native.Channel:
+        """The next connection; `what` names it in the timeout's message (default: the
+        migration's main channel)."""
         self.listener.settimeout(timeout)
         try:
             sock, _ = self.listener.accept()
         except TimeoutError:
+            if what:
+                raise IncomingError(f"{what} did not connect to {self.address} within {timeout:g} s") from None
             raise IncomingError(f"no migration arrived on {self.address} in time") from None
         return channel.wrap(sock, self.io_timeout)
 
@@ -149,8 +153,9 @@ class Incoming:
         n = h["channels"]
         barrier = threading.Barrier(n, timeout=self.io_timeout)
         chans: dict[int, Any] = {}
-        for _ in range(n):
-            ch = self._accept(self.io_timeout)  # the source opens them right after the ack
+        for i in range(n):
+            # The source opens them right after the ack.
+            ch = self._accept(self.io_timeout, f"multifd page channel {i + 1} of {n}")
             self._channels.append(ch)
             _, payload = channel.expect(ch, "ChannelHello")
             index = channel.decode_u64("ChannelHello", payload)
