@@ -172,3 +172,89 @@ def test_a_bad_device_state_is_refused_before_the_guest_runs(field, value, start
         wait_until(lambda: vm.running, what="the source to resume its guest")
         rx.join()
         assert rx.error is not None and rx.result is None, "no guest runs on the destination"
+
+
+# -- the property: faults around the commit point never run the guest twice ------------------
+
+
+def _fault(name: str, released: threading.Event):  # type: ignore[no-untyped-def]
+    """Patches for one fault on the destination, around the commit point: a context manager."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    from dqmig.migration import channel
+
+    stack = ExitStack()
+    receive_complete = destination_module._receive_complete
+    send_json = channel.send_json
+
+    def vanish_before_complete(self, main, guest, state):  # type: ignore[no-untyped-def]
+        main.shutdown()  # killed: nothing told, nothing started
+        raise destination_module.IncomingError("injected: gone before the completion record")
+
+    def after_complete(main):  # type: ignore[no-untyped-def]
+        complete = receive_complete(main)
+        if name == "vanish-after-complete":
+            main.shutdown()
+            raise destination_module.IncomingError("injected: gone after the completion record")
+        released.wait(RUN_S)  # "stall": SIGSTOP past the source's wait, then SIGCONT
+        return complete
+
+    def drop_resumed(ch, record, value):  # type: ignore[no-untyped-def]
+        if record != "Resumed":
+            send_json(ch, record, value)
+
+    if name == "vanish-before-complete":
+        stack.enter_context(
+            mock.patch.object(destination_module.Incoming, "_verify_and_resume", vanish_before_complete)
+        )
+    elif name in ("vanish-after-complete", "stall-after-complete"):
+        stack.enter_context(mock.patch.object(destination_module, "_receive_complete", after_complete))
+    elif name == "drop-resumed":
+        stack.enter_context(mock.patch.object(destination_module.channel, "send_json", drop_resumed))
+    elif name == "refuse-device-state":
+        bad = mock.Mock(side_effect=ValueError("injected"))
+        stack.enter_context(mock.patch.object(destination_module, "_vm_from_device_state", bad))
+    return stack
+
+
+FAULTS = ["none", "vanish-before-complete", "vanish-after-complete", "stall-after-complete", "drop-resumed"]
+FAULTS += ["refuse-device-state"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_faults_around_the_commit_run_exactly_one_guest_or_none_with_both_saying_so(fault, start_destination):
+    """Across faults at the commit point (the destination killed before or after the
+    completion record, stalled past the source's wait, its "resumed" lost, a refusal), the
+    guests that run afterwards are exactly one, or none with the source saying the outcome
+    is unknown and the destination saying it failed. Never two."""
+    released = threading.Event()
+    with _fault(fault, released), start_destination() as rx, VM(writer_config()) as vm:
+        time.sleep(0.05)
+        m = Migration(vm, rx.uri, MigrationParameters(max_bandwidth=0, x_max_time=RUN_S))
+        m.resume_timeout = RESUME_TIMEOUT_S
+        m.start()
+        assert m.wait(RUN_S) in ("completed", "failed")
+        released.set()
+        rx.join()
+        deadline = time.monotonic() + 5
+        while m.status == "failed" and not m.outcome_unknown and not vm.running and time.monotonic() < deadline:
+            time.sleep(0.01)  # the source resumes its guest once it knows the outcome
+        time.sleep(0.05)
+        dest_runs = rx.result is not None and rx.result.vm is not None and rx.result.vm.running
+        running = int(vm.running) + int(dest_runs)
+        assert running <= 1, f"{fault}: two guests run"
+        if running == 0:
+            assert m.outcome_unknown and "outcome unknown" in (m.error_desc or ""), f"{fault}: {m.error_desc}"
+            assert rx.error is not None, f"{fault}: the destination says it failed"
+        # (guests running, source's outcome unknown). Gone before the completion record: the
+        # source may still have sent it (the close is not seen yet), so either is right.
+        expected = {
+            "none": {(1, False)},
+            "vanish-before-complete": {(1, False), (0, True)},
+            "vanish-after-complete": {(0, True)},
+            "stall-after-complete": {(1, True)},
+            "drop-resumed": {(1, True)},
+            "refuse-device-state": {(1, False)},
+        }[fault]
+        assert (running, m.outcome_unknown) in expected, (fault, m.status, m.error_desc, rx.error)
