@@ -258,3 +258,26 @@ def test_faults_around_the_commit_run_exactly_one_guest_or_none_with_both_saying
             "refuse-device-state": {(1, False)},
         }[fault]
         assert (running, m.outcome_unknown) in expected, (fault, m.status, m.error_desc, rx.error)
+
+
+def test_an_idle_connection_does_not_take_the_destinations_slot(start_destination, monkeypatch):
+    """Adversarial pass, defect 5: a client that connects and says nothing became the main
+    channel, and the real migration found no destination. A connection silent for the
+    handshake wait is closed and the destination keeps listening."""
+    import socket
+
+    from dqmig.migration.channel import parse_uri
+
+    monkeypatch.setattr(destination_module, "HANDSHAKE_WAIT_S", 0.3)
+    with start_destination(accept_timeout=20) as rx, VM(writer_config()) as vm:
+        host, port = parse_uri(rx.uri)
+        idle = socket.create_connection((host, port), timeout=5)
+        try:
+            time.sleep(0.5)  # the destination gives up on it
+            m = Migration(vm, rx.uri, MigrationParameters(max_bandwidth=0, x_max_time=RUN_S)).start()
+            assert m.wait(RUN_S) == "completed", m.error_desc
+            rx.join()
+            assert rx.error is None and rx.result is not None
+            assert len(rx.result.idle_connections) == 1
+        finally:
+            idle.close()

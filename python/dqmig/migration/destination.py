@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import select
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ from dqmig.programs import ProgramSpec
 from dqmig.vm import MAX_VCPUS, VM, VmConfig, VmError
 
 RUNNING_TIMEOUT_S = 30.0  # every vCPU back from its first run() before "resumed" goes out
+HANDSHAKE_WAIT_S = 10.0  # a connection that says nothing this long is not the migration
 WORKER_GRACE_S = 1.0  # after the main channel fails, how long page channels get to report
 MAX_CHANNELS = 255
 
@@ -41,6 +43,7 @@ class IncomingResult:
     source_digest_time: float | None = None  # the source's, from its completion record
     vm: VM | None = None
     unconfirmed: str | None = None  # the guest runs here but the source may not know it
+    idle_connections: list[str] = field(default_factory=list)  # closed for saying nothing
 
 
 def host_memory() -> int:
@@ -109,8 +112,26 @@ class Incoming:
             for ch in self._channels:
                 ch.shutdown()
 
+    def _accept_main(self) -> _native.Channel:
+        """The migration's main channel: the first connection that starts talking within
+        HANDSHAKE_WAIT_S. One that stays silent is closed and the listener goes on waiting
+        (until accept_timeout), so an idle client cannot take the only slot."""
+        end = None if self.accept_timeout is None else time.monotonic() + self.accept_timeout
+        while True:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            self.listener.settimeout(left)
+            try:
+                sock, peer = self.listener.accept()
+            except TimeoutError:
+                raise IncomingError(f"no migration arrived on {self.address} in time") from None
+            wait = HANDSHAKE_WAIT_S if left is None else min(HANDSHAKE_WAIT_S, left)
+            if select.select([sock], [], [], wait)[0]:
+                return channel.wrap(sock, self.io_timeout)
+            sock.close()
+            self.result.idle_connections.append(f"{peer[0]}:{peer[1]}")
+
     def _run(self) -> IncomingResult:
-        main = self._accept(self.accept_timeout)
+        main = self._accept_main()
         self._channels.append(main)
         t, payload, _ = main.receive(None)
         if REC_NAME.get(t) != "Handshake":
