@@ -463,6 +463,11 @@ def sweep_figure(doc: dict[str, Any]) -> Figure:
             color = POLICY_COLORS.get(policy, f"C{k}")
             dodge = _dodge_by(k, len(doc["policies"]), bool(sw.get("log")), sw["x"])
             _sweep_line(ax, mine, key, scale, color, policy, dodge)
+            net = [p for p in mine if p.get(f"net-{key}", {}).get("median") is not None]
+            if key.startswith("slowdown-") and net:  # net of steal, dashed, beside the raw
+                xs = dodge(np.array([p["x"] for p in net], dtype=float))
+                ys = np.array([p[f"net-{key}"]["median"] for p in net]) * scale
+                ax.plot(xs, ys, ls="--", marker="D", ms=4, color=color, lw=1)
         ax.set_xlabel(sw["axis"])
         ax.set_ylabel(label)
         if sw.get("log") and all(x > 0 for x in sw["x"]):
@@ -473,7 +478,8 @@ def sweep_figure(doc: dict[str, Any]) -> Figure:
     axes[0].set_ylim(bottom=0)
     _cap_line(axes[0], points)
     hollow = Line2D([], [], marker="o", ls="", color="0.3", mfc="white", mew=1.5)
-    _legend(fig, {"did not converge": hollow})
+    net = Line2D([], [], ls="--", marker="D", ms=4, color="0.3", lw=1)
+    _legend(fig, {"did not converge": hollow, "slowdown net of steal": net})
     fig.suptitle(
         f"median over {sw['repeat']} run(s), bars min-max; k/n = runs of n that converged; a run that did "
         "not converge counts with the time it was given",
