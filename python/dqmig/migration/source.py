@@ -105,7 +105,6 @@ class Migration:
         self._paused_by_us = False
         self._last_sample: dict[str, Any] | None = None
         self.new_dirty_pages = 0  # pages newly dirtied, summed over syncs (auto-converge trigger)
-        self._last_sync_t = 0.0
         self.policy: Policy | None = None
         self.policy_changes: list[dict[str, Any]] = []
         self._policy_request: tuple[str, str] | None = None
@@ -230,7 +229,7 @@ class Migration:
         self.dirty_sync_count = 1
         now = time.monotonic()
         self.setup_time = now - self.t_start
-        self._window_start = self._period_start = self._last_sync_t = now
+        self._window_start = self._period_start = now
         self._start_policy(make_policy(self.vm, self.params), "setup")
         self._sample("setup")
 
@@ -400,7 +399,7 @@ class Migration:
         self.new_dirty_pages += new
         self._dirty_bytes_last_sync = self.remaining
         self.dirty_sync_count += 1
-        now = self._last_sync_t = time.monotonic()
+        now = time.monotonic()
         if now - self._period_start >= DIRTY_RATE_PERIOD_S:
             self.dirty_pages_rate = self._period_new_dirty / (now - self._period_start)
             self._period_start, self._period_new_dirty = now, 0
@@ -420,7 +419,7 @@ class Migration:
         stopped) takes the log whole."""
         g = self.vm.guest
         shift = self.params.x_clear_bitmap_shift
-        lazy = not (final or g.dirty_ring or not shift)
+        lazy = bool(shift) and not final and not g.dirty_ring
         harvested = g.harvest_lazy() if lazy else g.harvest()
         self._unprotected = _by_chunk(harvested, shift) if lazy else {}
         new = int(np.count_nonzero(~self._dirty[harvested]))
