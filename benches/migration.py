@@ -8,14 +8,15 @@ Two raw loopback TCP baselines, both between two processes on 127.0.0.1, with pl
 receiver's acknowledgement of the last:
 
 * raw_loopback (the baseline of every ratio): the job the migration does, without the
-  migration. The sender sends the guest's size of distinct, non-zero memory (one anonymous
-  mapping, filled before the clock starts); the receiver receives it into as much distinct
-  memory, preallocated first (MADV_POPULATE_WRITE, as the destination's --mem-prealloc).
+  migration. The sender sends the guest's size of distinct, non-zero memory (one private
+  anonymous mapping, as guest memory is, filled before the clock starts); the receiver
+  receives it into as much distinct memory of the same kind, preallocated first
+  (MADV_POPULATE_WRITE, as the destination's --mem-prealloc).
 * raw_loopback_hot (reported beside it, never a divisor of a headline): the earlier
   baseline, one cache-hot 4 MiB buffer sent over and over and received into one reused
   4 MiB buffer. It measures the kernel's copy loop from and to cache, not a job that moves
-  gigabytes of distinct memory, so it runs faster than any migration can (how much faster
-  is `raw_loopback_hot_over_raw_loopback`).
+  gigabytes of distinct memory (how much faster it runs is
+  `raw_loopback_hot_over_raw_loopback`).
 
 Loopback speed on a shared host swings by tens of percent from one second to the next, so
 the script takes --rounds interleaved rounds, each: raw_loopback, raw_loopback_hot, the
@@ -69,7 +70,7 @@ import mmap, socket, sys
 port, total, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 chunk = 4 << 20
 if mode == "distinct":
-    buf = mmap.mmap(-1, total)
+    buf = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # as guest memory, not shmem
     try:
         buf.madvise(int(sys.argv[4]))
     except OSError:
@@ -95,7 +96,7 @@ def distinct_memory(size: int) -> mmap.mmap:
     """`size` bytes of anonymous memory, every page backed and non-zero."""
     import numpy as np
 
-    m = mmap.mmap(-1, size)
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # as guest memory, not shmem
     np.frombuffer(m, dtype=np.uint8).fill(0x5A)
     return m
 
