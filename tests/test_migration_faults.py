@@ -23,6 +23,7 @@ import time
 import pytest
 
 from dqmig import _native
+from dqmig.migration import channel as channel_module
 from dqmig.migration import destination as destination_module
 from dqmig.migration.channel import parse_uri
 from dqmig.migration.destination import IncomingError, free_port_uri
@@ -386,6 +387,46 @@ def test_destination_refuses_at_switchover(start_destination, wait_until, monkey
         assert q["ram"]["remaining"] == 0
         err = assert_destination_failed(rx)
         assert "bad device state: injected failure" in str(err)
+        assert_source_intact(vm, wait_until)
+
+
+def _slow_guest_build(monkeypatch, delay: float) -> None:
+    """The destination takes `delay` s to build its guest before it acks the handshake (as a
+    large --mem-prealloc does), and every other wire wait is bounded by 0.5 s."""
+    build = destination_module.Incoming._build_guest
+
+    def slow(self, h):
+        time.sleep(delay)
+        return build(self, h)
+
+    monkeypatch.setattr(destination_module.Incoming, "_build_guest", slow)
+    monkeypatch.setattr(channel_module, "IO_TIMEOUT_S", 0.5)
+
+
+def test_handshake_wait_allows_for_preallocation(start_destination, monkeypatch):
+    """A destination slower to ack than the I/O timeout (it backs the guest's memory first)
+    is waited for: the ack's timeout grows with the guest's size."""
+    _slow_guest_build(monkeypatch, delay=1.5)
+    monkeypatch.setattr(channel_module, "PREALLOC_S_PER_GIB", 1000.0)  # 16 MiB: 15.6 s
+    with start_destination() as rx, VM(fault_config()) as vm:
+        time.sleep(0.05)
+        m = Migration(vm, rx.uri, params(**CONVERGES)).start()
+        assert m.wait(END_S) == "completed", m.error_desc
+        rx.join()
+        assert rx.result is not None and rx.result.digest == vm.guest.digest()
+
+
+def test_handshake_wait_is_bounded(start_destination, wait_until, monkeypatch):
+    """Without the allowance the same destination is given up on, and the reason says what
+    the source was waiting for."""
+    _slow_guest_build(monkeypatch, delay=1.5)
+    monkeypatch.setattr(channel_module, "PREALLOC_S_PER_GIB", 0.0)
+    with start_destination() as rx, VM(fault_config()) as vm:
+        time.sleep(0.05)
+        m = Migration(vm, rx.uri, params()).start()
+        q = assert_ended(m, "failed", "did not acknowledge the handshake within 0.5 s")
+        assert q["ram"]["dirty-sync-count"] == 0, "setup never finished"
+        assert_destination_failed(rx)
         assert_source_intact(vm, wait_until)
 
 

@@ -209,6 +209,15 @@ impl GuestMemory {
             return out;
         }
         let per_page = (self.page_size / self.host_page).max(1);
+        // mincore first: a resident page is backed, and asking costs about 2 ns a page
+        // against about 40 ns for a pagemap entry. Only a page it calls non-resident (never
+        // backed, or swapped out: mincore cannot tell which) needs the pagemap.
+        let resident = self.resident(first as usize, span);
+        if let Some(r) = &resident {
+            if pages.iter().all(|&p| r[(p - first) as usize]) {
+                return out;
+            }
+        }
         let base = self.as_ptr() as usize / self.host_page + first as usize * per_page;
         let mut raw = vec![0u8; span * per_page * 8];
         if pm.read_exact_at(&mut raw, (base * 8) as u64).is_err() {
@@ -217,10 +226,37 @@ impl GuestMemory {
         let entry =
             |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
         for (o, &p) in out.iter_mut().zip(pages) {
+            if resident.as_ref().is_some_and(|r| r[(p - first) as usize]) {
+                continue;
+            }
             let start = (p - first) as usize * per_page;
             *o = (start..start + per_page).all(|i| entry(i) & (PM_PRESENT | PM_SWAPPED) == 0);
         }
         out
+    }
+
+    /// For guest pages `first..first + n`: true if any of its host pages is resident (so it
+    /// is backed). None if mincore fails. The range must be in the mapping.
+    fn resident(&self, first: usize, n: usize) -> Option<Vec<bool>> {
+        let per_page = (self.page_size / self.host_page).max(1);
+        let mut vec = vec![0u8; n * per_page];
+        // SAFETY: the range lies inside this mapping, which `self` keeps alive (callers check
+        // `first + n <= pages`), so `add` stays in bounds. mincore only writes `vec`, one
+        // byte per host page of the range: at most `n * per_page` bytes, what `vec` holds
+        // (a guest page smaller than a host page gives an unaligned address, and mincore
+        // fails with EINVAL without writing).
+        let rc = unsafe {
+            libc::mincore(
+                self.as_ptr().add(first * self.page_size) as *mut libc::c_void,
+                n * self.page_size,
+                vec.as_mut_ptr(),
+            )
+        };
+        (rc == 0).then(|| {
+            vec.chunks_exact(per_page)
+                .map(|h| h.iter().any(|&b| b & 1 != 0))
+                .collect()
+        })
     }
 
     pub fn is_zero_page(&self, page: usize) -> bool {
@@ -329,6 +365,31 @@ mod tests {
             m.unbacked(&[0, 63]).iter().all(|&u| !u),
             "scattered: unknown"
         );
+    }
+
+    #[test]
+    fn resident_pages_skip_the_pagemap_and_agree_with_it() {
+        let m = GuestMemory::new(64, 4096).unwrap();
+        for p in 0..32 {
+            m.write_words(p, 0, 1, 1);
+        }
+        let r = m.resident(0, 64).expect("mincore works on the mapping");
+        assert!(r[..32].iter().all(|&b| b), "written pages are resident");
+        assert!(r[32..].iter().all(|&b| !b), "untouched pages are not");
+        let dense: Vec<u64> = (0..32).collect();
+        assert!(
+            m.unbacked(&dense).iter().all(|&u| !u),
+            "all resident: none unbacked"
+        );
+        let mixed: Vec<u64> = (28..40).collect();
+        let u = m.unbacked(&mixed);
+        assert!(u[..4].iter().all(|&u| !u));
+        if m.pagemap.is_some() {
+            assert!(
+                u[4..].iter().all(|&u| u),
+                "the pagemap decides the non-resident ones"
+            );
+        }
     }
 
     #[test]

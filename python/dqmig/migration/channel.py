@@ -25,6 +25,25 @@ REC_NAME = {v: k for k, v in REC.items()}
 CONNECT_TIMEOUT_S = 10.0
 IO_TIMEOUT_S = 30.0
 POLL_S = 0.1
+# The destination builds the guest before it acknowledges the handshake, and with
+# --mem-prealloc backs every page first: measured 1-5 s per GiB on a virtualized host, more
+# when it is loaded. The source's wait for the ack allows this much per GiB on top of
+# IO_TIMEOUT_S (a bound on a hung destination, not an expected time).
+PREALLOC_S_PER_GIB = 30.0
+# Likewise each side hashes the whole guest at switchover (about 0.2 s per GiB here, quiet)
+# while the other waits for its completion record or its resume.
+DIGEST_S_PER_GIB = 10.0
+
+
+def handshake_timeout(guest_bytes: int) -> float:
+    """How long the source waits for the handshake ack of a guest of `guest_bytes`."""
+    return IO_TIMEOUT_S + PREALLOC_S_PER_GIB * guest_bytes / (1 << 30)
+
+
+def digest_timeout(guest_bytes: int) -> float:
+    """How long either side waits while the other hashes a guest of `guest_bytes`."""
+    return IO_TIMEOUT_S + DIGEST_S_PER_GIB * guest_bytes / (1 << 30)
+
 
 StreamError = _native.MigrationStreamError
 

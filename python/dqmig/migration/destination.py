@@ -139,9 +139,7 @@ class Incoming:
         try:
             h = _native.decode_handshake(payload)
             check_handshake(h)
-            guest = _native.Guest(h["pages"], h["page_size"], h["vcpus"], h["dirty_ring"], h["pml"])
-            if self.mem_prealloc and not guest.prealloc():
-                raise IncomingError("cannot preallocate guest memory (mem-prealloc)")
+            guest = self._build_guest(h)
         except (StreamError, IncomingError, ValueError) as e:
             _tell(main, f"handshake refused: {e}")
             raise IncomingError(f"handshake refused: {e}") from None
@@ -169,6 +167,14 @@ class Incoming:
             raise IncomingError(self._channel_failure())
         self.result.vm = self._verify_and_resume(main, guest, state)
         return self.result
+
+    def _build_guest(self, h: dict[str, Any]) -> _native.Guest:
+        """The guest the handshake describes; with mem-prealloc every page is backed before
+        the ack (the source allows for this: `channel.handshake_timeout`)."""
+        guest = _native.Guest(h["pages"], h["page_size"], h["vcpus"], h["dirty_ring"], h["pml"])
+        if self.mem_prealloc and not guest.prealloc():
+            raise IncomingError("cannot preallocate guest memory (mem-prealloc)")
+        return guest
 
     def _start_page_channels(self, h: dict[str, Any], guest: _native.Guest) -> list[threading.Thread]:
         n = h["channels"]
@@ -266,6 +272,7 @@ class Incoming:
         digest = guest.digest()
         self.result.digest_time = time.monotonic() - t0
         try:
+            main.set_timeout(channel.digest_timeout(guest.size))  # the source is hashing too
             complete = _receive_complete(main)
         except (StreamError, IncomingError) as e:
             _tell(main, str(e))

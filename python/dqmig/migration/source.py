@@ -29,7 +29,7 @@ DIRTY_RATE_PERIOD_S = 1.0  # dirty-pages-rate is computed over >= 1 s
 BATCH_PAGES = 512  # pages per batch record (2 MiB at 4 KiB)
 CHUNK_BYTES = 16 << 20  # per channel per trip into Rust (fewer Python round trips), at most
 SCAN_PAGES = 1 << 16  # dirty-bitmap scan window
-RESUME_TIMEOUT_S = 60.0  # destination: verify digest and start its vCPUs
+RESUME_TIMEOUT_S = 30.0  # destination: verify digest and start its vCPUs (plus its hash's share)
 
 ACTIVE_STATES = ("setup", "active", "device")
 
@@ -95,7 +95,8 @@ class Migration:
         self.digest_time: float | None = None  # the source's own hash at switchover
         self._committed = False  # the completion record went out: the destination decides
         self.outcome_unknown = False  # failed after the commit: the guest may run there
-        self.resume_timeout = RESUME_TIMEOUT_S
+        # The wait for "resumed": the destination may still be hashing its copy.
+        self.resume_timeout = RESUME_TIMEOUT_S + channel.digest_timeout(g.size)
         self.run_state_lock = threading.Lock()  # held by the switchover's stop and by QMP stop/cont
         self._window_start = 0.0
         self._window_bytes = 0
@@ -211,7 +212,18 @@ class Migration:
         self._main = channel.connect(self.uri, cancel=self._cancel)
         hs = _native_handshake(g, p)
         self._main.send_record(REC["Handshake"], hs)
-        channel.expect(self._main, "HandshakeAck")
+        # The destination acks once its guest memory exists (and, with mem-prealloc, is
+        # backed): give that time in proportion to the guest, then back to the usual bound.
+        wait = channel.handshake_timeout(g.size)
+        self._main.set_timeout(wait)
+        try:
+            channel.expect(self._main, "HandshakeAck")
+        except _native.StreamTimeout:
+            raise _native.StreamTimeout(
+                f"the destination did not acknowledge the handshake within {wait:g} s "
+                "(it builds, and with mem-prealloc backs, the guest's memory first)"
+            ) from None
+        self._main.set_timeout(channel.IO_TIMEOUT_S)
         if p.capabilities["multifd"]:
             self._channels = []
             for i in range(p.multifd_channels):
