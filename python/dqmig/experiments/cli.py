@@ -102,9 +102,10 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "compare",
         help="migrate one scenario under each throttling policy, side by side",
         description="Run the same scenario (guest, network, parameters) under each policy and print "
-        "converged, total time, downtime, transferred, iterations, peak throttle, guest slowdown per "
-        "vCPU class and a fairness index; write a report directory (results.json, PNG figures, "
-        f"index.html). Built-in scenarios: {', '.join(scenario.builtin_names())}.",
+        "converged, total time, downtime (QEMU's), MiB sent, iterations, peak throttle, guest slowdown "
+        "per vCPU class (raw, and net of steal), host load and steal, and a fairness index, each "
+        "column's best marked *; write a report directory (results.json, summary.png first, PNG "
+        f"figures, index.html). Built-in scenarios: {', '.join(scenario.builtin_names())}.",
     )
     p.add_argument("scenario", nargs="?", metavar="SCENARIO", help="a TOML file or a built-in name (default)")
     _add_common(p, "the scenario's `policies`")
