@@ -717,3 +717,20 @@ def test_failed_migration_leaves_a_paused_guest_paused(phase, start_destination,
 
 def _raise_injected(*args, **kwargs):
     raise ValueError("injected failure")
+
+
+def test_a_failure_without_a_message_still_says_why(monkeypatch, wait_until):
+    """Adversarial pass, defect 10: an error with no text (TimeoutError()) left error-desc
+    empty; it is named by its type."""
+    from dqmig.migration import channel as channel_module
+
+    def silent(*args, **kwargs):
+        raise TimeoutError()
+
+    monkeypatch.setattr(channel_module, "connect", silent)
+    with VM(fault_config()) as vm:
+        m = Migration(vm, "tcp:127.0.0.1:1", params()).start()
+        assert m.wait(END_S) == "failed"
+        assert m.error_desc == "TimeoutError (no detail)"
+        assert m.query()["error-desc"] == "TimeoutError (no detail)"
+        wait_until(lambda: vm.running, what="the source to keep running")

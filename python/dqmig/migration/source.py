@@ -160,7 +160,7 @@ class Migration:
             self.converged = False
             self._fail("cancelled", str(e))
         except Exception as e:  # anything else fails the migration; the source VM runs on
-            reason = str(e) if isinstance(e, StreamError | OSError | ValueError) else repr(e)
+            reason = _reason(e)
             if self._committed and not isinstance(e, channel.PeerError):
                 # Silence after the commit: the destination may be running the guest.
                 self._fail_after_commit(reason)
@@ -587,6 +587,13 @@ class Migration:
             "digest-time": None if self.digest_time is None else int(self.digest_time * 1000),
             "samples": samples,
         }
+
+
+def _reason(e: BaseException) -> str:
+    """A failure's reason for query-migrate's error-desc, never empty: an error with no
+    message (TimeoutError()) is named by its type."""
+    text = str(e) if isinstance(e, StreamError | OSError | ValueError) else repr(e)
+    return text or f"{type(e).__name__} (no detail)"
 
 
 def _by_chunk(pages: np.ndarray, shift: int) -> dict[int, np.ndarray]:
