@@ -5,7 +5,7 @@ vCPU. Plain pre-copy cannot converge; the three policies do. Dirty quota throttl
 writer, so the reader keeps its pace; auto-converge slows every vCPU alike.
 
 The reader's pace is its progress per second it was either running or put to sleep by the
-policy (thread CPU time + throttle sleep), not per wall-clock second: a busy host takes CPU
+policy (thread CPU time + throttle sleep; the runner's GuestClock), not per wall-clock second: a busy host takes CPU
 from the reader under every policy alike, and on a 2-core machine shared with other jobs
 that alone moved the wall-clock pace by 35 %. What the policy takes, the sleeps, still counts.
 """
@@ -19,6 +19,7 @@ import pytest
 
 from dqmig import policies
 from dqmig.display import Watch, progress_line
+from dqmig.experiments.runner import GuestClock
 from dqmig.migration.destination import Incoming, IncomingError
 from dqmig.migration.params import MigrationParameters
 from dqmig.migration.source import Migration
@@ -42,24 +43,6 @@ def skewed_config() -> VmConfig:
     return VmConfig(vcpus=2, memory=MEMORY, dirty_ring=4096, programs=[writer, reader])
 
 
-class ReaderClock:
-    """The reader vCPU's progress, CPU time and throttle sleep, read together."""
-
-    def __init__(self, vm: VM) -> None:
-        self.vm = vm
-        self.progress, self.cpu, self.sleep, self.t = self.read()
-
-    def read(self) -> tuple[int, float, float, float]:
-        vm = self.vm
-        return vm.vcpus[1].progress, vm.cpu_time(1), vm.counters()[1]["sleep_ns"] / 1e9, time.monotonic()
-
-    def pace(self, end_t: float | None = None) -> tuple[float, float]:
-        """(progress per CPU-or-throttled second, progress per wall second) since creation."""
-        progress, cpu, sleep, t = self.read()
-        done = progress - self.progress
-        return done / (cpu - self.cpu + sleep - self.sleep), done / ((end_t or t) - self.t)
-
-
 def migrate(policy: str) -> dict:
     """Runs one migration with `policy`; returns its outcome and the reader's pace."""
     incoming = Incoming("tcp:127.0.0.1:0", accept_timeout=30, io_timeout=30)
@@ -77,25 +60,25 @@ def migrate(policy: str) -> dict:
     policies.select(params, policy)
     vm = VM(skewed_config()).start()
     try:
-        clock = ReaderClock(vm)
+        start = GuestClock.read(vm)
         time.sleep(BASELINE_S)
-        baseline, baseline_wall = clock.pace()
+        baseline = start.paces(GuestClock.read(vm))[1]
         m = Migration(vm, incoming.address, params)
-        clock = ReaderClock(vm)
+        start = GuestClock.read(vm)
         m.start()
         assert m.wait(POLICY_CAP_S + 30) in ("completed", "cancelled", "failed")
         # The reader ran until the switchover stopped it (or until now, if the source kept it).
-        end = m.t_stop if m.status == "completed" and m.t_stop is not None else None
-        during, during_wall = clock.pace(end)
+        stop = next((s for s in m.samples if s["event"] == "stop"), None)
+        during = start.paces(GuestClock.of_sample(stop) if stop else GuestClock.read(vm))[1]
         dest.join(30)
         if "r" in received:
             received["r"].vm.stop()
         return {
             "migration": m,
-            "baseline": baseline,
-            "during": during,
-            "ratio": during / baseline,
-            "wall_ratio": during_wall / baseline_wall,
+            "baseline": baseline.net_rate,
+            "during": during.net_rate,
+            "ratio": during.net_rate / baseline.net_rate,
+            "wall_ratio": during.rate / baseline.rate,
             "received": received,
         }
     finally:
