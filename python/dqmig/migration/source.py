@@ -176,16 +176,13 @@ class Migration:
         """Past the point of no return (the completion record went out) the destination may
         run the guest: the source never resumes by itself. It stays paused and says the
         outcome is unknown; QMP `cont` refuses to run it (see Monitor.cont)."""
-        self._stop_policy()
-        self.vm.stop_dirty_log()
         self.outcome_unknown = True
-        self._paused_by_us = False
-        self.error_desc = (
+        self._paused_by_us = False  # so _fail leaves the guest paused
+        self._fail(
+            "failed",
             f"switchover outcome unknown: {reason}. The guest stays paused here: the destination "
-            "may be running it (check there before resuming this copy)"
+            "may be running it (check there before resuming this copy)",
         )
-        self.status = "failed"
-        self._sample("end")
 
     def _fail(self, status: str, reason: str) -> None:
         self._stop_policy()
