@@ -99,6 +99,8 @@ def build_commit() -> tuple[str, bool | None, str] | None:
 
 RECORD_TYPES: dict[str, int]
 MAX_BATCH_PAGES: int
+MIN_RECORD_RATE: float
+"""Bytes/s: a record of `len` bytes must complete within the channel's timeout + len / this."""
 
 class MigrationStreamError(Exception): ...
 class StreamClosed(MigrationStreamError): ...
@@ -109,7 +111,8 @@ class Channel:
     """One TCP connection of a migration, owned by Rust (from `socket.detach()`)."""
 
     def __init__(self, fd: int, timeout: float) -> None: ...
-    def set_timeout(self, timeout: float) -> None: ...
+    def set_timeout(self, timeout: float) -> None:
+        """Bounds the wait for a record and, plus its length at MIN_RECORD_RATE, each record."""
     def send_record(self, record_type: int, payload: bytes) -> None: ...
     def send_pages(self, guest: Guest, pages: npt.NDArray[np.uint64], batch: int = 512) -> tuple[int, int, int]:
         """Sends page batches; returns (bytes, zero pages, normal pages)."""

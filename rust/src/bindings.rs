@@ -467,7 +467,7 @@ create_exception!(
 fn stream_err(e: StreamError) -> PyErr {
     match e {
         StreamError::Closed => StreamClosed::new_err(e.to_string()),
-        StreamError::Timeout => StreamTimeout::new_err(e.to_string()),
+        StreamError::Timeout | StreamError::Deadline(_) => StreamTimeout::new_err(e.to_string()),
         StreamError::Protocol(_) => ProtocolError::new_err(e.to_string()),
         StreamError::Io(_) => MigrationStreamError::new_err(e.to_string()),
     }
@@ -484,11 +484,14 @@ struct Channel {
     reader: Mutex<TcpStream>,
     writer: Mutex<TcpStream>,
     control: TcpStream,
+    /// The idle bound and each record's base deadline (stream::Deadline).
+    timeout: Mutex<Duration>,
 }
 
 #[pymethods]
 impl Channel {
-    /// Takes ownership of `fd` (from `socket.detach()`); `timeout` bounds every read/write.
+    /// Takes ownership of `fd` (from `socket.detach()`). `timeout` bounds the wait for a
+    /// record and, plus the record's length at stream::MIN_RECORD_RATE, each record whole.
     #[new]
     fn new(fd: i32, timeout: f64) -> PyResult<Self> {
         if fd < 0 {
@@ -501,6 +504,7 @@ impl Channel {
             reader: Mutex::new(stream.try_clone().map_err(|e| stream_err(e.into()))?),
             writer: Mutex::new(stream.try_clone().map_err(|e| stream_err(e.into()))?),
             control: stream,
+            timeout: Mutex::new(Duration::ZERO),
         };
         ch.set_timeout(timeout)?;
         Ok(ch)
@@ -511,19 +515,15 @@ impl Channel {
             .ok()
             .filter(|t| !t.is_zero())
             .ok_or_else(|| PyValueError::new_err(format!("bad timeout {timeout}")))?;
-        self.control
-            .set_read_timeout(Some(t))
-            .map_err(|e| stream_err(e.into()))?;
-        self.control
-            .set_write_timeout(Some(t))
-            .map_err(|e| stream_err(e.into()))?;
+        *lock(&self.timeout) = t;
         Ok(())
     }
 
     fn send_record(&self, py: Python<'_>, record_type: u8, payload: Vec<u8>) -> PyResult<()> {
         let t = RecordType::from_u8(record_type)
             .ok_or_else(|| PyValueError::new_err(format!("unknown record type {record_type}")))?;
-        py.detach(|| stream::send_record(&mut lock(&self.writer), t, &payload))
+        let timeout = *lock(&self.timeout);
+        py.detach(|| stream::send_record(&lock(&self.writer), t, &payload, timeout))
             .map_err(stream_err)
     }
 
@@ -538,8 +538,9 @@ impl Channel {
     ) -> PyResult<(u64, u64, u64)> {
         let pages = pages.as_slice()?.to_vec();
         let g = guest.inner.clone();
+        let timeout = *lock(&self.timeout);
         let st = py
-            .detach(|| stream::send_pages(&lock(&self.writer), &g.memory, &pages, batch))
+            .detach(|| stream::send_pages(&lock(&self.writer), &g.memory, &pages, batch, timeout))
             .map_err(stream_err)?;
         Ok((st.bytes, st.zero, st.normal))
     }
@@ -559,8 +560,9 @@ impl Channel {
         Option<(u64, u64, u64)>,
     )> {
         let g = guest.map(|g| g.inner.clone());
+        let timeout = *lock(&self.timeout);
         let got = py
-            .detach(|| stream::receive(&mut lock(&self.reader), g.as_ref().map(|g| &g.memory)))
+            .detach(|| stream::receive(&lock(&self.reader), g.as_ref().map(|g| &g.memory), timeout))
             .map_err(stream_err)?;
         Ok(match got {
             Received::Pages(st) => (
@@ -656,6 +658,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     }
     m.add("RECORD_TYPES", records)?;
     m.add("MAX_BATCH_PAGES", stream::MAX_BATCH_PAGES)?;
+    m.add("MIN_RECORD_RATE", stream::MIN_RECORD_RATE)?;
     m.add_class::<Guest>()?;
     m.add_class::<Vcpu>()?;
     m.add_class::<Exit>()?;

@@ -13,6 +13,7 @@
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use crate::memory::{GuestMemory, PREFETCH_AHEAD};
 
@@ -24,6 +25,10 @@ pub const MAX_CONTROL_LEN: usize = 16 << 20;
 /// Largest page batch, in pages (also bounds the `writev` vector below IOV_MAX).
 pub const MAX_BATCH_PAGES: usize = 1000;
 pub const ZERO_PAGE: u64 = 1 << 63;
+/// A record must arrive (or leave) at this average rate or faster: a record of `len` bytes
+/// has `timeout + len / MIN_RECORD_RATE` from its first byte. Slower counts as a stalled
+/// peer (a trickle of a byte a second never holds a migration open).
+pub const MIN_RECORD_RATE: f64 = (1 << 20) as f64;
 
 /// Record types. Numbers are part of the wire format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +80,8 @@ pub enum StreamError {
     Closed,
     #[error("timed out waiting for the peer")]
     Timeout,
+    #[error("{0}")]
+    Deadline(String),
     #[error("bad stream: {0}")]
     Protocol(String),
     #[error("{0}")]
@@ -96,6 +103,63 @@ impl From<io::Error> for StreamError {
 
 fn protocol<T>(msg: impl Into<String>) -> Result<T, StreamError> {
     Err(StreamError::Protocol(msg.into()))
+}
+
+/// The time one record may take, from its first byte to its last. Socket timeouts alone
+/// bound each system call, so a peer that sends a byte now and then would hold a record
+/// open forever; before every call the socket's timeout is set to what is left of this.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline {
+    start: Instant,
+    budget: Duration,
+}
+
+impl Deadline {
+    /// `timeout` plus the time `len` bytes take at MIN_RECORD_RATE.
+    pub fn for_record(timeout: Duration, len: usize) -> Self {
+        Self {
+            start: Instant::now(),
+            budget: timeout + Duration::from_secs_f64(len as f64 / MIN_RECORD_RATE),
+        }
+    }
+
+    /// Allows `len` more bytes (once a header has told the payload's length).
+    fn extend(&mut self, len: usize) {
+        self.budget += Duration::from_secs_f64(len as f64 / MIN_RECORD_RATE);
+    }
+
+    fn left(&self) -> Result<Duration, StreamError> {
+        match self.budget.checked_sub(self.start.elapsed()) {
+            Some(left) if !left.is_zero() => Ok(left),
+            _ => Err(self.missed()),
+        }
+    }
+
+    fn missed(&self) -> StreamError {
+        StreamError::Deadline(format!(
+            "record not complete within {:.1} s: the peer stalled or sends slower than {} KiB/s",
+            self.budget.as_secs_f64(),
+            MIN_RECORD_RATE as u64 >> 10
+        ))
+    }
+
+    /// Sets the socket's timeout for the next call in `dir` to what is left.
+    fn arm(&self, stream: &TcpStream, dir: Direction) -> Result<(), StreamError> {
+        let left = Some(self.left()?);
+        match dir {
+            Direction::Send => stream.set_write_timeout(left)?,
+            Direction::Receive => stream.set_read_timeout(left)?,
+        }
+        Ok(())
+    }
+
+    /// A timeout of the call armed last means the record's time is up.
+    fn check(&self, e: io::Error) -> StreamError {
+        match StreamError::from(e) {
+            StreamError::Timeout => self.missed(),
+            other => other,
+        }
+    }
 }
 
 pub fn header(t: RecordType, len: usize) -> [u8; HEADER_LEN] {
@@ -198,11 +262,12 @@ pub fn max_batch_pages(page_size: usize) -> usize {
     MAX_BATCH_PAGES.min(fits).max(1)
 }
 
-/// Writes a control record.
+/// Writes a control record within its deadline (`timeout` plus its length at the minimum rate).
 pub fn send_record(
-    stream: &mut TcpStream,
+    stream: &TcpStream,
     t: RecordType,
     payload: &[u8],
+    timeout: Duration,
 ) -> Result<(), StreamError> {
     if payload.len() > MAX_CONTROL_LEN {
         return protocol(format!(
@@ -213,21 +278,33 @@ pub fn send_record(
     let mut rec = Vec::with_capacity(HEADER_LEN + payload.len());
     rec.extend_from_slice(&header(t, payload.len()));
     rec.extend_from_slice(payload);
-    stream.write_all(&rec)?;
+    let d = Deadline::for_record(timeout, rec.len());
+    let mut sent = 0;
+    while sent < rec.len() {
+        d.arm(stream, Direction::Send)?;
+        match (&mut &*stream).write(&rec[sent..]) {
+            Ok(0) => return Err(StreamError::Closed),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(d.check(e)),
+        }
+    }
     Ok(())
 }
 
-/// Sends `pages` as page batches of at most `batch` pages, zero pages as flags.
+/// Sends `pages` as page batches of at most `batch` pages, zero pages as flags; each batch
+/// is a record with its own deadline.
 pub fn send_pages(
     stream: &TcpStream,
     mem: &GuestMemory,
     pages: &[u64],
     batch: usize,
+    timeout: Duration,
 ) -> Result<PageStats, StreamError> {
     let batch = batch.clamp(1, max_batch_pages(mem.page_size()));
     let mut total = PageStats::default();
     for chunk in pages.chunks(batch) {
-        total.add(send_batch(stream, mem, chunk)?);
+        total.add(send_batch(stream, mem, chunk, timeout)?);
     }
     Ok(total)
 }
@@ -236,6 +313,7 @@ fn send_batch(
     stream: &TcpStream,
     mem: &GuestMemory,
     pages: &[u64],
+    timeout: Duration,
 ) -> Result<PageStats, StreamError> {
     let page_size = mem.page_size();
     let mut stats = PageStats::default();
@@ -271,7 +349,8 @@ fn send_batch(
     let mut iov = Vec::with_capacity(runs.len() + 1);
     iov.push((meta.as_ptr(), meta.len()));
     iov.extend(runs);
-    vectored_all(stream, &mut iov, Direction::Send)?;
+    let d = Deadline::for_record(timeout, HEADER_LEN + payload);
+    vectored_all(stream, &mut iov, Direction::Send, &d)?;
     stats.bytes = (HEADER_LEN + payload) as u64;
     Ok(stats)
 }
@@ -282,11 +361,12 @@ enum Direction {
     Receive,
 }
 
-/// `writev` (or `readv`) until every byte of every run is transferred.
+/// `writev` (or `readv`) until every byte of every run is transferred, within `d`.
 fn vectored_all(
     stream: &TcpStream,
     runs: &mut [(*const u8, usize)],
     dir: Direction,
+    d: &Deadline,
 ) -> Result<(), StreamError> {
     let fd = stream.as_raw_fd();
     let mut first = 0;
@@ -299,6 +379,7 @@ fn vectored_all(
                 iov_len: len,
             })
             .collect();
+        d.arm(stream, dir)?;
         let n = match dir {
             // SAFETY: each iovec describes memory that stays valid for the call: `meta`, a Vec
             // owned by the caller, or whole pages of the guest mapping, which the caller's
@@ -323,7 +404,7 @@ fn vectored_all(
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(e.into());
+            return Err(d.check(e));
         }
         if n == 0 && dir == Direction::Receive {
             return protocol("stream truncated inside page data");
@@ -364,10 +445,26 @@ pub enum Received {
     Control(RecordType, Vec<u8>),
 }
 
-/// Reads the next record; page batches are checked and applied to `mem`.
-pub fn receive(stream: &mut TcpStream, mem: Option<&GuestMemory>) -> Result<Received, StreamError> {
+/// Reads the next record; page batches are checked and applied to `mem`. The wait for the
+/// record's first byte is bounded by `timeout`; from that byte on, the whole record has its
+/// deadline (`timeout` plus its length at MIN_RECORD_RATE).
+pub fn receive(
+    stream: &TcpStream,
+    mem: Option<&GuestMemory>,
+    timeout: Duration,
+) -> Result<Received, StreamError> {
     let mut h = [0u8; HEADER_LEN];
-    read_exact_or_closed(stream, &mut h)?;
+    stream.set_read_timeout(Some(timeout))?;
+    loop {
+        match (&mut &*stream).read(&mut h[..1]) {
+            Ok(0) => return Err(StreamError::Closed),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut d = Deadline::for_record(timeout, HEADER_LEN);
+    read_exact_by(stream, &mut h[1..], &d, "a record header")?;
     let Some(t) = RecordType::from_u8(h[0]) else {
         return protocol(format!("unknown record type {}", h[0]));
     };
@@ -378,13 +475,14 @@ pub fn receive(stream: &mut TcpStream, mem: Option<&GuestMemory>) -> Result<Rece
         ));
     }
     let len = u32::from_le_bytes(h[4..].try_into().expect("4 bytes")) as usize;
+    d.extend(len);
     if t == RecordType::Pages {
         let Some(mem) = mem else {
             return protocol(
                 "page batch out of place (before the handshake or after the last page)",
             );
         };
-        return receive_pages(stream, mem, len).map(Received::Pages);
+        return receive_pages(stream, mem, len, &d).map(Received::Pages);
     }
     if len > MAX_CONTROL_LEN {
         return protocol(format!(
@@ -392,29 +490,35 @@ pub fn receive(stream: &mut TcpStream, mem: Option<&GuestMemory>) -> Result<Rece
         ));
     }
     let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload)?;
+    read_exact_by(stream, &mut payload, &d, &format!("a {t:?} record"))?;
     Ok(Received::Control(t, payload))
 }
 
-/// EOF before the first byte of a record is a clean close; inside one it is a truncation.
-fn read_exact_or_closed(stream: &mut TcpStream, buf: &mut [u8]) -> Result<(), StreamError> {
+/// Fills `buf`, part of `what`, within `d`: the stream ending first is a truncated record.
+fn read_exact_by(
+    stream: &TcpStream,
+    buf: &mut [u8],
+    d: &Deadline,
+    what: &str,
+) -> Result<(), StreamError> {
     let mut got = 0;
     while got < buf.len() {
-        match stream.read(&mut buf[got..]) {
-            Ok(0) if got == 0 => return Err(StreamError::Closed),
-            Ok(0) => return protocol("stream truncated inside a record header"),
+        d.arm(stream, Direction::Receive)?;
+        match (&mut &*stream).read(&mut buf[got..]) {
+            Ok(0) => return protocol(format!("stream truncated inside {what}")),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(d.check(e)),
         }
     }
     Ok(())
 }
 
 fn receive_pages(
-    stream: &mut TcpStream,
+    stream: &TcpStream,
     mem: &GuestMemory,
     len: usize,
+    d: &Deadline,
 ) -> Result<PageStats, StreamError> {
     let page_size = mem.page_size();
     if len < 8 {
@@ -423,7 +527,7 @@ fn receive_pages(
         ));
     }
     let mut head = [0u8; 8];
-    stream.read_exact(&mut head)?;
+    read_exact_by(stream, &mut head, d, "a page batch")?;
     let count = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
     if head[4..] != [0, 0, 0, 0] {
         return protocol("page batch reserved field is not zero");
@@ -439,7 +543,7 @@ fn receive_pages(
         ));
     }
     let mut index = vec![0u8; 8 * count];
-    stream.read_exact(&mut index)?;
+    read_exact_by(stream, &mut index, d, "a page batch")?;
     let entries: Vec<u64> = index
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
@@ -481,7 +585,7 @@ fn receive_pages(
             );
         }
     }
-    vectored_all(stream, &mut runs, Direction::Receive)?;
+    vectored_all(stream, &mut runs, Direction::Receive, d)?;
     stats.bytes = (HEADER_LEN + len) as u64;
     Ok(stats)
 }
@@ -502,6 +606,8 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
     use std::time::Duration;
+
+    const T: Duration = Duration::from_secs(5);
 
     fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -560,13 +666,13 @@ mod tests {
             src.write_words(p, 0, 512, p as u64 * 7 + 1);
         }
         dst.write_words(5, 0, 1, 99); // stale data the zero page must clear
-        let (mut a, mut b) = pair();
+        let (a, b) = pair();
         let pages: Vec<u64> = (0..64).collect();
         let sent = std::thread::scope(|s| {
-            let h = s.spawn(|| send_pages(&a, &src, &pages, 7).unwrap());
+            let h = s.spawn(|| send_pages(&a, &src, &pages, 7, T).unwrap());
             let mut got = PageStats::default();
             while got.zero + got.normal < 64 {
-                match receive(&mut b, Some(&dst)).unwrap() {
+                match receive(&b, Some(&dst), T).unwrap() {
                     Received::Pages(st) => got.add(st),
                     other => panic!("{other:?}"),
                 }
@@ -577,24 +683,24 @@ mod tests {
         });
         assert_eq!((sent.normal, sent.zero), (5, 59));
         assert_eq!(src.digest(), dst.digest());
-        send_record(&mut a, RecordType::End, b"").unwrap();
+        send_record(&a, RecordType::End, b"", T).unwrap();
         assert_eq!(
-            receive(&mut b, Some(&dst)).unwrap(),
+            receive(&b, Some(&dst), T).unwrap(),
             Received::Control(RecordType::End, vec![])
         );
         drop(a);
         assert!(matches!(
-            receive(&mut b, Some(&dst)),
+            receive(&b, Some(&dst), T),
             Err(StreamError::Closed)
         ));
     }
 
     fn feed(bytes: &[u8]) -> Result<Received, StreamError> {
         let mem = GuestMemory::new(4, 4096).unwrap();
-        let (mut a, mut b) = pair();
+        let (mut a, b) = pair();
         a.write_all(bytes).unwrap();
         drop(a);
-        receive(&mut b, Some(&mem))
+        receive(&b, Some(&mem), T)
     }
 
     #[test]
@@ -621,9 +727,63 @@ mod tests {
         batch.extend_from_slice(&5000u32.to_le_bytes());
         batch.extend_from_slice(&0u32.to_le_bytes());
         assert!(err(&batch).contains("allowed"));
+        assert!(err(&header(RecordType::End, 10)).contains("truncated inside a End record"));
+    }
+
+    const SHORT: Duration = Duration::from_millis(300);
+
+    #[test]
+    fn a_trickling_peer_misses_the_record_deadline() {
+        let (mut a, b) = pair();
+        let mut rec = header(RecordType::Error, 64).to_vec();
+        rec.extend_from_slice(&[b'x'; 64]);
+        let t0 = Instant::now();
+        let got = std::thread::scope(|s| {
+            s.spawn(move || {
+                // A byte every 50 ms: each read returns well inside SHORT, the record never.
+                for byte in rec {
+                    if a.write_all(&[byte]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+            let got = receive(&b, None, SHORT);
+            b.shutdown(std::net::Shutdown::Both).unwrap();
+            got
+        });
+        let waited = t0.elapsed();
+        let err = got.unwrap_err();
+        assert!(matches!(err, StreamError::Deadline(_)), "{err}");
+        assert!(err.to_string().contains("stalled"), "{err}");
+        // First byte at ~0, then SHORT plus 72 bytes at the minimum rate (about 0 s).
+        assert!(waited < SHORT + Duration::from_millis(250), "{waited:?}");
+    }
+
+    #[test]
+    fn a_stalled_receiver_fails_the_sender_within_one_deadline() {
+        let (a, _b) = pair(); // _b never reads: the socket buffers fill, then writes block
+        let mem = GuestMemory::new(4096, 4096).unwrap();
+        for p in 0..4096 {
+            mem.write_words(p, 0, 512, p as u64 + 1);
+        }
+        let pages: Vec<u64> = (0..4096).collect();
+        let t0 = Instant::now();
+        let err = loop {
+            // Each call sends batches until the buffers are full; the blocked one fails.
+            if let Err(e) = send_pages(&a, &mem, &pages, 16, SHORT) {
+                break e;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "never blocked");
+        };
+        assert!(matches!(err, StreamError::Deadline(_)), "{err}");
+        let batch_bytes = 16 * (4096 + 8);
+        let bound = SHORT + Duration::from_secs_f64(batch_bytes as f64 / MIN_RECORD_RATE);
+        // One batch's deadline after the buffers filled (sending until then takes little).
         assert!(
-            matches!(feed(&header(RecordType::End, 10)), Err(StreamError::Closed)),
-            "truncated payload"
+            t0.elapsed() < bound + Duration::from_millis(500),
+            "{:?}",
+            t0.elapsed()
         );
     }
 }

@@ -65,10 +65,11 @@ def parse_uri(uri: str) -> tuple[str, int]:
 def connect(
     uri: str,
     timeout: float = CONNECT_TIMEOUT_S,
-    io_timeout: float = IO_TIMEOUT_S,
+    io_timeout: float | None = None,
     cancel: threading.Event | None = None,
 ) -> _native.Channel:
-    """Connects (non-blocking, so `cancel` ends the wait at once) and wraps the socket."""
+    """Connects (non-blocking, so `cancel` ends the wait at once) and wraps the socket
+    (`io_timeout`: IO_TIMEOUT_S)."""
     host, port = parse_uri(uri)
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -94,11 +95,13 @@ def connect(
     return wrap(sock, io_timeout)
 
 
-def wrap(sock: socket.socket, io_timeout: float = IO_TIMEOUT_S) -> _native.Channel:
-    """Hands a connected socket to Rust (blocking, with kernel-level timeouts)."""
+def wrap(sock: socket.socket, io_timeout: float | None = None) -> _native.Channel:
+    """Hands a connected socket to Rust. `io_timeout` (IO_TIMEOUT_S) bounds the wait for a
+    record and, plus its length at MIN_RECORD_RATE, each whole record: a peer that stalls
+    or trickles fails the migration within that bound (stream.rs, Deadline)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(None)
-    return _native.Channel(sock.detach(), io_timeout)
+    return _native.Channel(sock.detach(), IO_TIMEOUT_S if io_timeout is None else io_timeout)
 
 
 def listen(uri: str) -> socket.socket:
@@ -158,6 +161,20 @@ def decode_u64(record: str, payload: bytes) -> int:
     if len(payload) != 8:
         raise _native.ProtocolError(f"{record} record has {len(payload)} bytes, expected 8")
     return struct.unpack("<Q", payload)[0]
+
+
+PEER_REASON_WAIT_S = 2.0
+
+
+def peer_reason(ch: _native.Channel) -> str | None:
+    """After a send failed because the peer closed: the reason it sent first, if any (a
+    destination that gives up sends an Error record, then closes)."""
+    try:
+        ch.set_timeout(PEER_REASON_WAIT_S)
+        t, payload, _ = ch.receive(None)
+    except (StreamError, ValueError):
+        return None
+    return payload.decode(errors="replace") if REC_NAME.get(t) == "Error" else None
 
 
 def expect(ch: _native.Channel, *records: str) -> tuple[str, bytes]:

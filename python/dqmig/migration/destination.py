@@ -22,6 +22,7 @@ from dqmig.vm import MAX_VCPUS, VM, VmConfig, VmError
 
 RUNNING_TIMEOUT_S = 30.0  # every vCPU back from its first run() before "resumed" goes out
 HANDSHAKE_WAIT_S = 10.0  # a connection that says nothing this long is not the migration
+POLL_FLOOR_S = 0.01  # a wait of zero left is still a (short) wait, never "no timeout"
 WORKER_GRACE_S = 1.0  # after the main channel fails, how long page channels get to report
 MAX_CHANNELS = 255
 
@@ -43,7 +44,7 @@ class IncomingResult:
     source_digest_time: float | None = None  # the source's, from its completion record
     vm: VM | None = None
     unconfirmed: str | None = None  # the guest runs here but the source may not know it
-    idle_connections: list[str] = field(default_factory=list)  # closed for saying nothing
+    idle_connections: list[str] = field(default_factory=list)  # dropped: no handshake in time
 
 
 def host_memory() -> int:
@@ -112,10 +113,11 @@ class Incoming:
             for ch in self._channels:
                 ch.shutdown()
 
-    def _accept_main(self) -> _native.Channel:
-        """The migration's main channel: the first connection that starts talking within
-        HANDSHAKE_WAIT_S. One that stays silent is closed and the listener goes on waiting
-        (until accept_timeout), so an idle client cannot take the only slot."""
+    def _accept_main(self) -> tuple[_native.Channel, bytes]:
+        """The migration's main channel and its handshake record: from the first connection
+        that sends a whole record within HANDSHAKE_WAIT_S (and its record deadline). One that
+        stays silent, trickles, or closes first is dropped and the listener goes on waiting
+        (until accept_timeout), so an idle or slow client cannot take the only slot."""
         end = None if self.accept_timeout is None else time.monotonic() + self.accept_timeout
         while True:
             left = None if end is None else max(0.0, end - time.monotonic())
@@ -126,16 +128,24 @@ class Incoming:
                 raise IncomingError(f"no migration arrived on {self.address} in time") from None
             wait = HANDSHAKE_WAIT_S if left is None else min(HANDSHAKE_WAIT_S, left)
             if select.select([sock], [], [], wait)[0]:
-                return channel.wrap(sock, self.io_timeout)
-            sock.close()
+                main = channel.wrap(sock, max(min(wait, self.io_timeout), POLL_FLOOR_S))
+                self._channels.append(main)  # shut down by run() if the handshake is bad
+                try:
+                    t, payload, _ = main.receive(None)
+                except (_native.StreamTimeout, _native.StreamClosed):
+                    self._channels.remove(main)
+                    main.shutdown()
+                else:
+                    if REC_NAME.get(t) != "Handshake":
+                        raise IncomingError(f"expected a handshake, got record type {t}")
+                    main.set_timeout(self.io_timeout)
+                    return main, payload
+            else:
+                sock.close()
             self.result.idle_connections.append(f"{peer[0]}:{peer[1]}")
 
     def _run(self) -> IncomingResult:
-        main = self._accept_main()
-        self._channels.append(main)
-        t, payload, _ = main.receive(None)
-        if REC_NAME.get(t) != "Handshake":
-            raise IncomingError(f"expected a handshake, got record type {t}")
+        main, payload = self._accept_main()
         try:
             h = _native.decode_handshake(payload)
             check_handshake(h)

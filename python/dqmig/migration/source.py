@@ -160,6 +160,7 @@ class Migration:
             self.converged = False
             self._fail("cancelled", str(e))
         except Exception as e:  # anything else fails the migration; the source VM runs on
+            e = self._with_peer_reason(e)
             reason = _reason(e)
             if self._committed and not isinstance(e, channel.PeerError):
                 # Silence after the commit: the destination may be running the guest.
@@ -171,6 +172,15 @@ class Migration:
         finally:
             self.total_time = time.monotonic() - self.t_start
             self._close()
+
+    def _with_peer_reason(self, e: Exception) -> Exception:
+        """A send that failed because the destination closed: the reason it sent before
+        closing (an Error record) instead of "connection closed by peer"."""
+        closed = isinstance(e, _native.StreamClosed) or type(e) is StreamError
+        if not closed or self._main is None or self._cancel.is_set():
+            return e
+        told = channel.peer_reason(self._main)
+        return e if told is None else channel.PeerError(f"the destination gave up: {told}")
 
     def _fail_after_commit(self, reason: str) -> None:
         """Past the point of no return (the completion record went out) the destination may
