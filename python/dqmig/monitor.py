@@ -516,7 +516,7 @@ class IncomingMonitor(_Common):
         self.vm: VM | None = None
         self.error: str | None = None
         self.status = "none"
-        self._address: tuple[str, int] | None = None
+        self.address: tuple[str, int] | None = None  # where it listens (host, port)
         self.ended = threading.Event()  # the incoming migration completed or failed
         self._lock = threading.Lock()
         self.commands.update(
@@ -546,7 +546,7 @@ class IncomingMonitor(_Common):
                 self.incoming = Incoming(uri, accept_timeout=self.accept_timeout, mem_prealloc=self.mem_prealloc)
             except (ValueError, OSError) as e:
                 raise QmpError(str(e)) from None
-        self._address = self.incoming.listener.getsockname()[:2]
+        self.address = self.incoming.listener.getsockname()[:2]
         self.incoming.on_handshake = lambda: self._set_status("active")
         self._set_status("setup")
 
@@ -593,8 +593,8 @@ class IncomingMonitor(_Common):
         if self.status == "none":
             return {}
         out: dict[str, Any] = {"status": self.status}
-        if self._address is not None:
-            host, port = self._address
+        if self.address is not None:
+            host, port = self.address
             out["socket-address"] = [{"type": "inet", "host": host, "port": str(port)}]
         if self.error:
             out["error-desc"] = self.error
