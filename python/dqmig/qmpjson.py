@@ -360,25 +360,19 @@ def _parse(tokens: list[tuple[int, bytes]]) -> Any:
                     raise _ParseError("duplicate key")
                 frame[1], frame[2] = "value", value
                 break
-            if role == "value":
+            in_dict = role == "value"
+            if in_dict:
                 container[frame[2]] = value
-                sep = pop()[0]
-                if sep == RCURLY:
-                    stack.pop()
-                    value = container
-                    continue
-                if sep != COMMA:
-                    raise _ParseError("expected separator in dict")
                 frame[1] = "key"
-                break
-            container.append(value)  # role "item"
+            else:
+                container.append(value)  # role "item"
             sep = pop()[0]
-            if sep == RSQUARE:
+            if sep == (RCURLY if in_dict else RSQUARE):
                 stack.pop()
                 value = container
                 continue
             if sep != COMMA:
-                raise _ParseError("expected separator in list")
+                raise _ParseError(f"expected separator in {'dict' if in_dict else 'list'}")
             break
 
 
