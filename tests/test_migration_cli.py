@@ -119,7 +119,9 @@ def _qmp(path: str, timeout: float = 10.0):
 
     def cmd(command: str, **arguments) -> dict:
         sock.sendall(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n")
-        return json.loads(reader.readline())
+        while "event" in (reply := json.loads(reader.readline())):  # e.g. STOP at the switchover
+            pass
+        return reply
 
     assert cmd("qmp_capabilities") == {"return": {}}
     return cmd
@@ -142,6 +144,13 @@ def test_qmp_migrate_retried_after_a_failure_reports_the_last_attempt(tmp_path):
             assert time.monotonic() < end, "the first attempt did not fail"
             time.sleep(0.05)
         assert cmd("migrate", uri=dest) == {"return": {}}
+        end = time.monotonic() + RUN_S
+        while cmd("query-migrate")["return"]["status"] != "completed":
+            assert time.monotonic() < end, "the second attempt did not complete"
+            time.sleep(0.05)
+        # As QEMU's, the source stays up after the migration, postmigrate, until quit.
+        assert cmd("query-status")["return"] == {"running": False, "status": "postmigrate"}
+        assert cmd("quit") == {"return": {}}
         out, _ = proc.communicate(timeout=RUN_S)
     finally:
         proc.kill()

@@ -6,9 +6,12 @@ import argparse
 import json
 import math
 import resource
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from dqmig import __version__, dirtyrate, policies, provenance, runtable
 from dqmig.display import Progress
@@ -18,7 +21,7 @@ from dqmig.migration.destination import Incoming, IncomingError
 from dqmig.migration.local import LocalDestination
 from dqmig.migration.params import PARAMS, MigrationParameters, parse_bandwidth, value_of
 from dqmig.migration.source import Migration
-from dqmig.monitor import Monitor
+from dqmig.monitor import IncomingMonitor, Monitor, QmpError
 from dqmig.outputs import check_file
 from dqmig.programs import PRESETS, guest_programs
 from dqmig.qmp import QmpServer
@@ -234,9 +237,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     qmp = QmpServer(args.qmp, monitor).start() if args.qmp else None
     dest: LocalDestination | None = None
     dest_report: dict | None = None
-    interrupted = False
+    interrupted: str | None = None  # the signal that ended the run
     try:
-        with vm:
+        with vm, _signals_interrupt() as caught:
             try:
                 print(_migrate_banner(args, config, params), flush=True)
                 time.sleep(args.warmup)
@@ -247,27 +250,58 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                     uri = dest.uri
                 if args.defer:
                     print(f"waiting for QMP 'migrate' on {args.qmp} (destination {uri})", flush=True)
-                    while monitor.migration is None:
-                        time.sleep(0.1)
+                    while monitor.migration is None and not monitor.quit_requested.wait(0.1):
+                        pass
                 else:
                     monitor.migrate({"uri": uri})
-                migration = _follow_attempts(monitor, args.qmp_linger if qmp else 0.0)
-                dest_report = dest.finish() if dest else None
-                if dest and dest.error and migration.status == "completed":
-                    print(f"destination failed: {dest.error}", file=sys.stderr)  # else the source said why
+                if monitor.migration is not None:
+                    migration = _follow_attempts(monitor, serve=qmp is not None, exit_on_complete=args.exit_on_complete)
+                    dest_report = dest.finish() if dest and migration.status == "completed" else None
+                    if dest and dest.error and migration.status == "completed":
+                        print(f"destination failed: {dest.error}", file=sys.stderr)  # else the source said why
             except KeyboardInterrupt:
-                interrupted = True
-                _cancel(monitor.close_migrations())
+                interrupted = caught[0] if caught else "SIGINT"
+                _cancel(monitor.close_migrations(), f"interrupted ({interrupted})")
+        if qmp and (interrupted or monitor.quit_requested.is_set()):
+            monitor.shutdown("host-signal" if interrupted else "host-qmp-quit")
     finally:
         if qmp:
             qmp.close()
         if dest:
             dest.kill()
     if monitor.migration is None:
+        if monitor.quit_requested.is_set() and not interrupted:
+            print("quit: no migration was started")
+            return 0
         print("cancelled: interrupted before the migration started")
         return INTERRUPTED
     code = _finish_migrate(args, vm, monitor.migration, dest_report, monitor.attempts[:-1])
     return INTERRUPTED if interrupted and code else code
+
+
+class _signals_interrupt:  # noqa: N801 (a context manager used as a statement)
+    """SIGTERM (and SIGHUP) end the run as Ctrl-C does: KeyboardInterrupt, with the signal's
+    name kept in the list `with` gives (QEMU ends on them too: SHUTDOWN, host-signal)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+    def __enter__(self) -> list[str]:
+        self.caught: list[str] = []
+        self.saved = {}
+        for sig in self.SIGNALS:
+            try:
+                self.saved[sig] = signal.signal(sig, self._raise)
+            except ValueError:  # not the main thread (a test calling main()): leave them
+                pass
+        return self.caught
+
+    def _raise(self, signum: int, frame: object) -> None:
+        self.caught.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
 
 
 def _migrate_banner(args: argparse.Namespace, config: VmConfig, params: MigrationParameters) -> str:
@@ -279,19 +313,22 @@ def _migrate_banner(args: argparse.Namespace, config: VmConfig, params: Migratio
     )
 
 
-def _cancel(migration: Migration | None) -> None:
+def _cancel(migration: Migration | None, reason: str = "interrupted (SIGINT)") -> None:
     """Ctrl-C: migrate_cancel, as QEMU's monitor would, and wait for the migration to end
     (the source VM runs on). Too late once the completion record went out: it completes."""
     if migration is None:
         return
-    migration.cancel("interrupted (SIGINT)")
+    migration.cancel(reason)
     migration.wait(CANCEL_TIMEOUT_S)
 
 
-def _follow_attempts(monitor: Monitor, linger: float) -> Migration:
-    """Shows each migration attempt's progress until the latest has ended and no new QMP
-    `migrate` came within `linger` seconds (QEMU's source stays up after a failure, to be
-    retried); returns the last attempt. Then no further `migrate` is accepted."""
+def _follow_attempts(monitor: Monitor, serve: bool, exit_on_complete: bool) -> Migration:
+    """Shows each migration attempt's progress. Without QMP (`serve` false) the run ends
+    with the migration. With QMP the source stays up as QEMU's does, after a completed
+    migration (postmigrate) and after a failed or cancelled one (running, to be retried
+    with a new `migrate`), until `quit` (or a signal); with `exit_on_complete` it ends once
+    a migration completes. A `quit` during a migration cancels it. Returns the last attempt;
+    then no further `migrate` is accepted."""
     shown: Migration | None = None
     while True:
         migration = monitor.migration
@@ -299,24 +336,28 @@ def _follow_attempts(monitor: Monitor, linger: float) -> Migration:
         if migration is not shown:
             if shown is not None:
                 print(f"\nattempt {len(monitor.attempts) - 1} {_outcome(shown.query())}; following the next")
-            _show_progress(migration)
+            _show_progress(migration, monitor.quit_requested)
+            if migration.active:  # quit during the migration
+                _cancel(migration, "cancelled by quit")
             migration.wait()
             shown = migration
-        end = time.monotonic() + (0.0 if monitor.closing else linger)
-        while monitor.migration is shown and time.monotonic() < end:
-            time.sleep(0.05)
-        if monitor.close_migrations() is shown:
+            if serve and not monitor.quit_requested.is_set():
+                print(f"\n{_outcome(shown.query())}; QMP stays up until quit", flush=True)
+        done = not serve or monitor.quit_requested.is_set() or (exit_on_complete and shown.status == "completed")
+        if done and monitor.close_migrations() is shown:
             return shown
+        if not done:
+            monitor.quit_requested.wait(0.05)
 
 
 def _outcome(q: dict) -> str:
     return q["status"] if q["status"] == "completed" else f"{q['status']}: {q.get('error-desc', 'unknown reason')}"
 
 
-def _show_progress(migration: Migration) -> None:
+def _show_progress(migration: Migration, quit_requested: threading.Event | None = None) -> None:
     progress = Progress(migration)
     try:
-        while migration.active or migration.status == "none":
+        while (migration.active or migration.status == "none") and not (quit_requested and quit_requested.is_set()):
             progress.update()
             time.sleep(0.25)
         progress.update()
@@ -374,6 +415,10 @@ def peak_rss() -> int:
 def cmd_incoming(args: argparse.Namespace) -> int:
     if args.report:
         check_file(args.report, "--report")
+    if args.qmp:
+        return _incoming_qmp(args)
+    if args.uri == "defer":
+        raise ValueError("incoming defer needs --qmp: its 'migrate-incoming' gives the URI")
     incoming = Incoming(args.uri, accept_timeout=args.accept_timeout, mem_prealloc=args.mem_prealloc)
     print(f"dqmig incoming: listening on {incoming.address}", flush=True)
     try:
@@ -381,13 +426,71 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     except IncomingError as e:
         print(f"dqmig incoming: failed: {e}", file=sys.stderr)
         return 1
+    return _incoming_done(args, result, lambda: time.sleep(args.run_after))
+
+
+def _incoming_qmp(args: argparse.Namespace) -> int:
+    """`dqmig incoming --qmp`: as QEMU's -incoming with a QMP monitor. URI `defer` waits for
+    `migrate-incoming`. Once the guest runs here it runs until `quit` or a signal."""
+    monitor = IncomingMonitor(accept_timeout=args.accept_timeout, mem_prealloc=args.mem_prealloc)
+    server = QmpServer(args.qmp, monitor).start()
+    interrupted = False
+    try:
+        with _signals_interrupt():
+            try:
+                if args.uri == "defer":
+                    monitor.deferred = True
+                    print(f"dqmig incoming: waiting for QMP 'migrate-incoming' on {args.qmp}", flush=True)
+                    while monitor.incoming is None and not monitor.quit_requested.wait(0.1):
+                        pass
+                else:
+                    monitor.listen(args.uri)
+                if monitor.address is not None:
+                    print(f"dqmig incoming: listening on {_tcp(monitor.address)}", flush=True)
+                    while not monitor.ended.wait(0.1) and not monitor.quit_requested.is_set():
+                        pass
+            except KeyboardInterrupt:
+                interrupted = True
+            if monitor.error:
+                print(f"dqmig incoming: failed: {monitor.error}", file=sys.stderr)
+                return 1
+            if monitor.result is None or monitor.result.vm is None:
+                print("dqmig incoming: ended before a migration arrived", file=sys.stderr)
+                return 0 if monitor.quit_requested.is_set() else 1
+
+            def until_quit() -> None:
+                nonlocal interrupted
+                try:
+                    while not interrupted and not monitor.quit_requested.wait(0.1):
+                        pass
+                except KeyboardInterrupt:
+                    interrupted = True
+
+            return _incoming_done(args, monitor.result, until_quit)
+    except QmpError as e:
+        raise ValueError(e.desc) from None
+    finally:
+        if interrupted or monitor.quit_requested.is_set():
+            monitor.shutdown("host-signal" if interrupted else "host-qmp-quit")
+        server.close()
+
+
+def _tcp(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+
+
+def _incoming_done(args: argparse.Namespace, result: Any, run: Callable[[], None]) -> int:
+    """The resumed guest runs for as long as `run` takes; then the report."""
     vm = result.vm
     assert vm is not None
     if result.unconfirmed:
         print(f"dqmig incoming: warning: the guest runs here, but {result.unconfirmed}", file=sys.stderr, flush=True)
     names = vm.writer_names()
     before = [v.progress for v in vm.all_writers]
-    time.sleep(args.run_after)
+    t0 = time.monotonic()
+    run()
+    ran = time.monotonic() - t0
     after = [v.progress for v in vm.all_writers]
     vm.stop()
     report = {
@@ -400,7 +503,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
         "verify-time-ms": int(result.verify_time * 1000),
         "digest-time-ms": int(result.digest_time * 1000),
         "source-digest-time-ms": None if result.source_digest_time is None else int(result.source_digest_time * 1000),
-        "run-after-s": args.run_after,
+        "run-after-s": round(ran, 3),
         "progress-after-resume": {n: a - b for n, a, b in zip(names, after, before, strict=True)},
         "unconfirmed": result.unconfirmed,
         "peak-rss": peak_rss(),
@@ -408,7 +511,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     print(
         f"dqmig incoming: completed: {result.pages_normal} normal and {result.pages_zero} zero pages, "
         f"{result.iterations} iterations, digest verified; guest resumed, progress in "
-        f"{args.run_after:g} s: " + ", ".join(f"{n} +{d}" for n, d in report["progress-after-resume"].items()),
+        f"{ran:.3g} s: " + ", ".join(f"{n} +{d}" for n, d in report["progress-after-resume"].items()),
         flush=True,
     )
     if args.report:
@@ -496,12 +599,11 @@ def _add_migrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qmp", metavar="unix:PATH", help="serve a QMP control socket")
     p.add_argument("--defer", action="store_true", help="wait for a QMP 'migrate' command instead of starting")
     p.add_argument(
-        "--qmp-linger",
-        type=_non_negative(float),
-        default=2.0,
-        metavar="S",
-        help="with --qmp: keep serving S s after a migration ends; a QMP 'migrate' then is followed as "
-        "the next attempt (default 2)",
+        "--exit-on-complete",
+        action="store_true",
+        help="with --qmp: end once a migration completes (else, as QEMU, the source serves QMP after the "
+        "migration, postmigrate or running, until 'quit' or a signal; a failed or cancelled migration "
+        "can be retried with a new 'migrate')",
     )
     p.set_defaults(func=cmd_migrate)
 
@@ -513,7 +615,18 @@ def _add_incoming_parser(sub: argparse._SubParsersAction) -> None:
         description="Wait for one migration on URI, apply it, verify the memory digest, resume the guest "
         "for --run-after seconds, report, exit 0 (non-zero with the reason on failure).",
     )
-    p.add_argument("uri", metavar="tcp:HOST:PORT", help="where to listen (port 0 = any free port)")
+    p.add_argument(
+        "uri",
+        metavar="tcp:HOST:PORT",
+        help="where to listen (port 0 = any free port); with --qmp, 'defer' waits "
+        "for QMP 'migrate-incoming' (QEMU's -incoming defer)",
+    )
+    p.add_argument(
+        "--qmp",
+        metavar="unix:PATH",
+        help="serve QMP: query-status (inmigrate, then running), query-migrate, events, migrate-incoming; "
+        "the resumed guest then runs until 'quit' (not --run-after)",
+    )
     p.add_argument("--accept-timeout", type=_positive(float), default=None, metavar="S", help="give up if none arrives")
     p.add_argument("--run-after", type=_non_negative(float), default=1.0, metavar="S", help="run the resumed guest (1)")
     p.add_argument("--report", metavar="PATH", help="write a JSON report")

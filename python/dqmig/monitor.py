@@ -1,59 +1,234 @@
-"""The source's monitor: QMP commands over a VM and its migration, without any socket.
+"""The monitors: QMP commands over a VM and its migration, without any socket.
 
-Each command takes the QMP `arguments` object and returns the `return` value, or raises
-QmpError, which the server turns into `{"error": {"class": ..., "desc": ...}}`.
+Each command has its QAPI argument schema (qapi.py checks the `arguments` with QEMU's
+wording) and returns the `return` value, or raises QmpError, which the server turns into
+`{"error": {"class": ..., "desc": ...}}`. `Monitor` is the source's, `IncomingMonitor` a
+destination's. Both publish QEMU's events through `events` (MIGRATION, MIGRATION_PASS,
+STOP, RESUME, SHUTDOWN), with QEMU's shape and timestamp.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-from dqmig.migration.params import MigrationParameters
+from dqmig import __version__, dirtyrate
+from dqmig.migration.params import ALL_CAPABILITIES, MigrationParameters
 from dqmig.migration.source import Migration
+from dqmig.qapi import MIGRATION_CHANNEL, Enum, List, QmpError, Struct, channels_uri, check
 from dqmig.vm import VM
 
+__all__ = ["QEMU_VERSION", "EventHub", "IncomingMonitor", "Monitor", "QmpError", "qmp_migration_info"]
 
-class QmpError(Exception):
-    def __init__(self, desc: str, cls: str = "GenericError") -> None:
-        super().__init__(desc)
-        self.desc, self.cls = desc, cls
+# The QEMU whose QMP dqmig follows: its schema (qapi/*.json), replies and events. The
+# fidelity work measured against QEMU 10.0.2 (docs/results.md).
+QEMU_VERSION = (10, 0, 2)
+
+NO_ARGS = Struct({})
+CAPABILITY_LIST = Struct({"capabilities": List(Struct({"capability": Enum(ALL_CAPABILITIES), "state": "bool"}))})
+DIRTY_RATE_MODES = ("page-sampling", "dirty-ring", "dirty-bitmap")
+MIN_CALC_TIME_MS, MAX_CALC_TIME_MS = 100, 60_000  # migration/dirtyrate.c
+MIN_SAMPLE_PAGES, MAX_SAMPLE_PAGES = 128, 16384
+DEFAULT_SAMPLE_PAGES = 512
 
 
-class Monitor:
-    def __init__(self, vm: VM, params: MigrationParameters | None = None) -> None:
-        self.vm = vm
+def version_info() -> dict[str, Any]:
+    """query-version: QEMU's version whose behaviour is emulated; dqmig's own in `package`."""
+    major, minor, micro = QEMU_VERSION
+    return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": f"dqmig {__version__}"}
+
+
+class EventHub:
+    """QEMU's events (monitor_qapi_event_emit): every negotiated QMP session gets each one.
+    Subscribers must not block: the emitter may be the migration or a vCPU thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: list[Callable[[dict[str, Any]], None]] = []
+
+    def subscribe(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        with self._lock:
+            self._subscribers.append(fn)
+
+    def unsubscribe(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        with self._lock:
+            if fn in self._subscribers:
+                self._subscribers.remove(fn)
+
+    def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
+        """qmp_event_build_dict: {"event", "data" (if the event has any), "timestamp"}."""
+        now = time.time_ns() // 1000
+        event: dict[str, Any] = {"event": name}
+        if data is not None:
+            event["data"] = data
+        event["timestamp"] = {"seconds": now // 1_000_000, "microseconds": now % 1_000_000}
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for fn in subscribers:
+            fn(event)
+
+
+class _Common:
+    """What the source's and a destination's monitors share: the commands any QEMU
+    answers, events, quit."""
+
+    def __init__(self, params: MigrationParameters | None) -> None:
         self.params = params or MigrationParameters()
+        self.events = EventHub()
+        self.quit_requested = threading.Event()  # `quit`: the process ends (the CLI's loop)
+        self.name: str | None = None
+        self.commands: dict[str, tuple[Any, Callable[[dict[str, Any]], Any]]] = {
+            "qmp_capabilities": (Struct({"*enable": List(Enum(("oob",)))}), lambda a: {}),
+            "query-version": (NO_ARGS, lambda a: version_info()),
+            "query-name": (NO_ARGS, lambda a: {"name": self.name} if self.name else {}),
+            # dqmig emulates KVM's interfaces (KVM_RUN exits, dirty log, dirty ring)
+            "query-kvm": (NO_ARGS, lambda a: {"enabled": True, "present": True}),
+            "query-commands": (NO_ARGS, lambda a: [{"name": n} for n in sorted(self.commands)]),
+            "quit": (NO_ARGS, self.quit),
+            "query-status": (NO_ARGS, self.query_status),
+            "query-migrate": (NO_ARGS, self.query_migrate),
+            "migrate-set-capabilities": (CAPABILITY_LIST, self.migrate_set_capabilities),
+            "migrate-set-parameters": (None, self.migrate_set_parameters),
+            "query-migrate-parameters": (NO_ARGS, lambda a: self.params.as_qmp()),
+            "query-migrate-capabilities": (NO_ARGS, lambda a: self.params.capabilities_qmp()),
+            "query-cpus-fast": (NO_ARGS, self.query_cpus_fast),
+        }
+
+    def execute(self, command: str, arguments: dict[str, Any]) -> Any:
+        entry = self.commands.get(command)
+        if entry is None:
+            raise QmpError(f"The command {command} has not been found", "CommandNotFound")
+        schema, fn = entry
+        if schema is not None:  # None: the command checks its members itself
+            check(schema, arguments)
+        return fn(arguments)
+
+    def quit(self, args: dict[str, Any]) -> dict[str, Any]:
+        """qmp_quit: the reply goes out first; the process's loop then sends SHUTDOWN
+        (`shutdown`) and ends."""
+        self.quit_requested.set()
+        return {}
+
+    def shutdown(self, reason: str = "host-qmp-quit") -> None:
+        """The SHUTDOWN event QEMU sends as it ends (qemu_system_shutdown)."""
+        self.events.emit("SHUTDOWN", {"guest": False, "reason": reason})
+
+    def _vm_events(self, vm: VM) -> None:
+        vm.on_run_state = lambda running: self.events.emit("RESUME" if running else "STOP")
+
+    def _migration_event(self, name: str, data: dict[str, Any]) -> None:
+        """MIGRATION and MIGRATION_PASS go out only with the `events` capability on, checked
+        when they happen (migrate_generate_event, migration_bitmap_sync)."""
+        if self.params.capabilities["events"]:
+            self.events.emit(name, data)
+
+    def migrate_set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def migrate_set_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
+        staged = self.params.copy()
+        for name, value in args.items():
+            try:
+                staged.set(name, value)
+            except ValueError as e:
+                raise QmpError(str(e)) from None
+        # All or nothing: apply only when every parameter was valid. A running migration
+        # reads its parameters live (downtime-limit and max-bandwidth take effect at once).
+        for name in args:
+            attr = name.replace("-", "_")
+            setattr(self.params, attr, getattr(staged, attr))
+        return {}
+
+    def _stage_capabilities(self, args: dict[str, Any], locked: Callable[[str], bool]) -> MigrationParameters:
+        """migrate-set-capabilities is all or nothing: every entry is checked on a copy."""
+        staged = self.params.copy()
+        for c in args["capabilities"]:
+            if locked(c["capability"]):
+                raise QmpError("There's a migration process in progress")
+            try:
+                staged.set_capability(c["capability"], c["state"])
+            except ValueError as e:
+                raise QmpError(str(e)) from None
+        return staged
+
+    def query_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def query_cpus_fast(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+def cpus_fast(vm: VM | None) -> list[dict[str, Any]]:
+    """query-cpus-fast as QEMU answers for x86 with -smp N (one socket of N cores): one entry
+    per vCPU, its thread-id the vCPU thread's TID."""
+    if vm is None:
+        return []
+    return [
+        {
+            "cpu-index": i,
+            "qom-path": f"/machine/unattached/device[{i}]",
+            "thread-id": vm.vcpu_thread_id(i),
+            "props": {"core-id": i, "thread-id": 0, "socket-id": 0},
+            "target": "x86_64",
+        }
+        for i in range(len(vm.vcpus))
+    ]
+
+
+class Monitor(_Common):
+    def __init__(self, vm: VM, params: MigrationParameters | None = None) -> None:
+        super().__init__(params)
+        self.vm = vm
         self.migration: Migration | None = None  # the latest attempt
         self.attempts: list[Migration] = []  # every `migrate`, oldest first
         self.closing = False  # the process is ending: no new migration
         self._migrate_lock = threading.Lock()
         self.on_migrate: Callable[[Migration], None] | None = None  # e.g. the CLI's display
-        self.commands: dict[str, Callable[[dict[str, Any]], Any]] = {
-            "qmp_capabilities": lambda a: {},
-            "query-status": self.query_status,
-            "stop": self.stop,
-            "cont": self.cont,
-            "migrate-set-capabilities": self.migrate_set_capabilities,
-            "migrate-set-parameters": self.migrate_set_parameters,
-            "query-migrate-parameters": lambda a: self.params.as_qmp(),
-            "query-migrate-capabilities": lambda a: self.params.capabilities_qmp(),
-            "migrate": self.migrate,
-            "query-migrate": self.query_migrate,
-            "migrate_cancel": self.migrate_cancel,
-            "set-vcpu-dirty-limit": self.set_vcpu_dirty_limit,
-            "cancel-vcpu-dirty-limit": self.cancel_vcpu_dirty_limit,
-            "query-vcpu-dirty-limit": self.query_vcpu_dirty_limit,
-            "query-commands": lambda a: [{"name": n} for n in sorted(self.commands)],
-        }
+        self._dirty_rate: dict[str, Any] | None = None  # the latest calc-dirty-rate
+        self._vm_events(vm)
+        cpu = Struct({"*cpu-index": "int"})
+        self.commands.update(
+            {
+                "stop": (NO_ARGS, self.stop),
+                "cont": (Struct({"*x-override-split-brain-check": "bool"}), self.cont),
+                "migrate": (
+                    Struct({"*uri": "str", "*channels": List(MIGRATION_CHANNEL), "*detach": "bool", "*resume": "bool"}),
+                    self.migrate,
+                ),
+                "migrate_cancel": (NO_ARGS, self.migrate_cancel),
+                "query-migrationthreads": (NO_ARGS, self.query_migrationthreads),
+                "set-vcpu-dirty-limit": (
+                    Struct({"*cpu-index": "int", "dirty-rate": "uint64"}),
+                    self.set_vcpu_dirty_limit,
+                ),
+                "cancel-vcpu-dirty-limit": (cpu, self.cancel_vcpu_dirty_limit),
+                "query-vcpu-dirty-limit": (NO_ARGS, self.query_vcpu_dirty_limit),
+                "calc-dirty-rate": (
+                    Struct(
+                        {
+                            "calc-time": "int",
+                            "*calc-time-unit": Enum(("second", "millisecond")),
+                            "*sample-pages": "int",
+                            "*mode": Enum(DIRTY_RATE_MODES),
+                        }
+                    ),
+                    self.calc_dirty_rate,
+                ),
+                "query-dirty-rate": (
+                    Struct({"*calc-time-unit": Enum(("second", "millisecond"))}),
+                    self.query_dirty_rate,
+                ),
+            }
+        )
 
-    def execute(self, command: str, arguments: dict[str, Any]) -> Any:
-        fn = self.commands.get(command)
-        if fn is None:
-            raise QmpError(f"The command {command} has not been found", "CommandNotFound")
-        return fn(arguments)
+    def query_cpus_fast(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return cpus_fast(self.vm)
 
     @property
     def migrating(self) -> bool:
@@ -69,7 +244,7 @@ class Monitor:
             status = "running"
         else:
             status = "paused"
-        return {"status": status, "running": status == "running", "singlestep": False}
+        return {"running": status == "running", "status": status}
 
     def stop(self, args: dict[str, Any]) -> dict[str, Any]:
         with self._run_state():
@@ -107,17 +282,7 @@ class Monitor:
     def migrate_set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
         """All or nothing. During a migration only dirty-quota may change (dqmig's live
         toggle, beyond QEMU): the migration switches policy at its next step."""
-        caps = _arg(args, "capabilities", list)
-        staged = self.params.copy()
-        for c in caps:
-            if not isinstance(c, dict) or set(c) != {"capability", "state"}:
-                raise QmpError("Each capability needs exactly 'capability' and 'state'")
-            if self.migrating and c["capability"] != "dirty-quota":
-                raise QmpError("There's a migration process in progress")
-            try:
-                staged.set_capability(c["capability"], c["state"])
-            except ValueError as e:
-                raise QmpError(str(e)) from None
+        staged = self._stage_capabilities(args, lambda name: self.migrating and name != "dirty-quota")
         try:
             staged.check_capabilities(self.vm.guest.dirty_ring)
         except ValueError as e:
@@ -130,22 +295,13 @@ class Monitor:
             self.migration.request_policy(policy_name(self.params), "migrate-set-capabilities")
         return {}
 
-    def migrate_set_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
-        staged = self.params.copy()
-        for name, value in args.items():
-            try:
-                staged.set(name, value)
-            except ValueError as e:
-                raise QmpError(str(e)) from None
-        # All or nothing: apply only when every parameter was valid. A running migration
-        # reads its parameters live (downtime-limit and max-bandwidth take effect at once).
-        for name in args:
-            attr = name.replace("-", "_")
-            setattr(self.params, attr, getattr(staged, attr))
-        return {}
-
     def migrate(self, args: dict[str, Any]) -> dict[str, Any]:
-        uri = _arg(args, "uri", str)
+        """qmp_migrate: `uri` or, QEMU 8.2+, `channels` (exactly one of them)."""
+        if ("uri" in args) == ("channels" in args):
+            raise QmpError("need either 'uri' or 'channels' argument")
+        if args.get("resume"):
+            raise QmpError("Cannot resume if there is no paused migration")
+        uri = args["uri"] if "uri" in args else channels_uri(args["channels"])
         with self._migrate_lock:
             if self.migrating:
                 raise QmpError("There's a migration process in progress")
@@ -160,6 +316,7 @@ class Monitor:
             except ValueError as e:
                 raise QmpError(str(e)) from None
             self.migration = Migration(self.vm, uri, self.params)
+            self.migration.on_event = self._migration_event
             self.attempts.append(self.migration)
             if self.on_migrate:
                 self.on_migrate(self.migration)
@@ -173,7 +330,81 @@ class Monitor:
             return self.migration
 
     def query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
-        return self.migration.query() if self.migration else {}
+        return qmp_migration_info(self.migration) if self.migration else {}
+
+    def query_migrationthreads(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """QEMU 9.0+'s thread names: the migration thread, then each multifd sender; only
+        while they run (migration_threads_add/remove)."""
+        m = self.migration
+        if m is None or not m.active:
+            return []
+        threads = [("mig/src/main", m.thread_id)]
+        threads += [(f"mig/src/send_{i}", tid) for i, tid in enumerate(m.multifd_thread_ids())]
+        return [{"name": n, "thread-id": tid} for n, tid in threads if tid is not None]
+
+    def calc_dirty_rate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """qmp_calc_dirty_rate: starts a measurement on a thread of its own; query-dirty-rate
+        reads it. dqmig's measurements are dirtyrate.py's three modes."""
+        unit = args.get("calc-time-unit", "second")
+        ms = args["calc-time"] * (1000 if unit == "second" else 1)
+        mode = args.get("mode", "page-sampling")
+        if not MIN_CALC_TIME_MS <= ms <= MAX_CALC_TIME_MS:
+            raise QmpError(f"Calculation time is out of range [{MIN_CALC_TIME_MS}ms, {MAX_CALC_TIME_MS}ms].")
+        sample_pages = args.get("sample-pages", DEFAULT_SAMPLE_PAGES)
+        if "sample-pages" in args:
+            if mode != "page-sampling":
+                raise QmpError("sample-pages is used only in page-sampling mode")
+            if not MIN_SAMPLE_PAGES <= sample_pages <= MAX_SAMPLE_PAGES:
+                raise QmpError(f"sample-pages is out of range[{MIN_SAMPLE_PAGES}, {MAX_SAMPLE_PAGES}].")
+        if (mode == "dirty-ring") != bool(self.vm.guest.dirty_ring) and mode != "page-sampling":
+            raise QmpError(f"mode {mode} is not enabled, use other method instead.")
+        if self._dirty_rate is not None and self._dirty_rate["status"] == "measuring":
+            raise QmpError("the dirty rate is already being measured.")
+        info: dict[str, Any] = {
+            "status": "measuring",
+            "start-time": int(time.time()),
+            "calc-time": args["calc-time"],
+            "calc-time-unit": unit,
+            "sample-pages": sample_pages if mode == "page-sampling" else 0,
+            "mode": mode,
+        }
+        self._dirty_rate = info
+
+        def measure() -> None:
+            try:
+                if mode == "page-sampling":
+                    rate = dirtyrate.page_sampling(self.vm, ms / 1000, pages_per_gib=sample_pages)
+                else:
+                    rate = dirtyrate.MODES[mode](self.vm, ms / 1000)
+            except (ValueError, OSError) as e:
+                info["x-dqmig-error"] = str(e)
+                rate = None
+            if rate is not None:
+                info["dirty-rate"] = rate.dirty_rate
+                if mode == "dirty-ring":
+                    info["vcpu-dirty-rate"] = [{"id": i, "dirty-rate": r} for i, r in enumerate(rate.vcpu_dirty_rate)]
+            info["status"] = "measured"
+
+        threading.Thread(target=measure, name="mig/dirtyrate", daemon=True).start()
+        return {}
+
+    def query_dirty_rate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """query-dirty-rate (DirtyRateInfo): `dirty-rate` once measured."""
+        info = self._dirty_rate
+        if info is None:
+            return {
+                "status": "unstarted",
+                "start-time": 0,
+                "calc-time": 0,
+                "calc-time-unit": "second",
+                "sample-pages": DEFAULT_SAMPLE_PAGES,
+                "mode": "page-sampling",
+            }
+        out = {k: v for k, v in info.items() if not (k == "dirty-rate" and info["status"] != "measured")}
+        if args.get("calc-time-unit", info["calc-time-unit"]) != info["calc-time-unit"]:
+            factor = 1000 if info["calc-time-unit"] == "second" else 1 / 1000
+            out["calc-time"], out["calc-time-unit"] = int(info["calc-time"] * factor), args["calc-time-unit"]
+        return out
 
     def _limiter(self) -> Any:
         from dqmig.policies.dirtylimit import DirtyLimiter
@@ -186,10 +417,8 @@ class Monitor:
         return self.vm.dirty_limiter
 
     def set_vcpu_dirty_limit(self, args: dict[str, Any]) -> dict[str, Any]:
-        rate = _arg(args, "dirty-rate", int)
+        rate = args["dirty-rate"]
         cpu = args.get("cpu-index")
-        if cpu is not None and not isinstance(cpu, int):
-            raise QmpError("Invalid parameter type for 'cpu-index', expected: int")
         if rate < 1:
             raise QmpError("Parameter 'dirty-rate' expects a rate >= 1 MB/s")
         limiter = self._limiter()
@@ -202,8 +431,6 @@ class Monitor:
 
     def cancel_vcpu_dirty_limit(self, args: dict[str, Any]) -> dict[str, Any]:
         cpu = args.get("cpu-index")
-        if cpu is not None and not isinstance(cpu, int):
-            raise QmpError("Invalid parameter type for 'cpu-index', expected: int")
         if self.vm.dirty_limiter is not None:
             self._check_dirty_limit_allowed("cancel")
             try:
@@ -228,9 +455,150 @@ class Monitor:
         return {}
 
 
-def _arg(args: dict[str, Any], name: str, kind: type) -> Any:
-    if name not in args:
-        raise QmpError(f"Parameter '{name}' is missing")
-    if not isinstance(args[name], kind):
-        raise QmpError(f"Invalid parameter type for '{name}', expected: {kind.__name__}")
-    return args[name]
+# -- query-migrate, as QEMU 10.0 fills it (migration/migration.c) -------------------------------
+
+ACTIVE_STATUSES = ("active", "cancelling", "device")  # populate_time_info and populate_ram_info
+
+
+def qmp_migration_info(m: Migration) -> dict[str, Any]:
+    """fill_source_migration_info: in setup only `status`; while active (and cancelling) the
+    times, expected-downtime and every MigrationStats field; at completion downtime, with
+    `remaining` and `dirty-pages-rate` 0; after a failure or cancel `status` and
+    `error-desc`. `cpu-throttle-percentage` appears only while the CPU throttle is on, the
+    dirty-limit fields only while a limit is in service (the policies report them so). What
+    dqmig adds (its own measures, and a failed attempt's counters) is under `x-dqmig`."""
+    internal = m.query()
+    status = internal["status"]
+    out: dict[str, Any] = {"status": status}
+    if status in (*ACTIVE_STATUSES, "completed"):
+        out["setup-time"] = internal["setup-time"]
+        out["total-time"] = internal["total-time"]
+        if status == "completed":
+            out["downtime"] = internal["downtime"]
+        else:
+            out["expected-downtime"] = internal.get("expected-downtime", m.params.downtime_limit)
+        ram = dict(internal["ram"])
+        ram["mbps"] = float(ram["mbps"])
+        ram["multifd-bytes"] = ram["transferred"] if m.multifd else 0
+        ram.update({"postcopy-requests": 0, "postcopy-bytes": 0, "dirty-sync-missed-zero-copy": 0})
+        if status == "completed":
+            ram["remaining"] = ram["dirty-pages-rate"] = 0
+        out["ram"] = ram
+        if internal.get("cpu-throttle-percentage"):
+            out["cpu-throttle-percentage"] = internal["cpu-throttle-percentage"]
+        for key in ("dirty-limit-throttle-time-per-round", "dirty-limit-ring-full-time"):
+            if key in internal:
+                out[key] = internal[key]
+    if "error-desc" in internal:
+        out["error-desc"] = internal["error-desc"]
+    if status != "setup":
+        extra = {k: v for k, v in internal.items() if k not in out and k != "cpu-throttle-percentage"}
+        if extra:
+            out["x-dqmig"] = extra
+    return out
+
+
+# -- a destination's monitor ---------------------------------------------------------------------
+
+
+class IncomingMonitor(_Common):
+    """`dqmig incoming --qmp`: query-status (inmigrate, then running), query-migrate of the
+    incoming side, events, and `-incoming defer`: `migrate-incoming` starts listening."""
+
+    def __init__(
+        self, params: MigrationParameters | None = None, accept_timeout: float | None = None, mem_prealloc: bool = False
+    ) -> None:
+        super().__init__(params)
+        self.accept_timeout, self.mem_prealloc = accept_timeout, mem_prealloc
+        self.deferred = False  # started as `-incoming defer`
+        self.incoming: Any = None  # the destination.Incoming once listening
+        self.result: Any = None
+        self.vm: VM | None = None
+        self.error: str | None = None
+        self.status = "none"
+        self.address: tuple[str, int] | None = None  # where it listens (host, port)
+        self.ended = threading.Event()  # the incoming migration completed or failed
+        self._lock = threading.Lock()
+        self.commands.update(
+            {
+                "migrate-incoming": (
+                    Struct({"*uri": "str", "*channels": List(MIGRATION_CHANNEL), "*exit-on-error": "bool"}),
+                    self.migrate_incoming,
+                ),
+                "query-migrationthreads": (NO_ARGS, lambda a: []),
+            }
+        )
+
+    def _set_status(self, status: str) -> None:
+        if status != self.status:
+            self.status = status
+            self._migration_event("MIGRATION", {"status": status})
+
+    def listen(self, uri: str) -> Any:
+        """Starts listening on `uri` and receiving on a thread of its own; returns the
+        destination.Incoming (its `address` is where it listens)."""
+        from dqmig.migration.destination import Incoming, IncomingError
+
+        with self._lock:
+            if self.incoming is not None:
+                raise QmpError("The incoming migration has already been started")
+            try:
+                self.incoming = Incoming(uri, accept_timeout=self.accept_timeout, mem_prealloc=self.mem_prealloc)
+            except (ValueError, OSError) as e:
+                raise QmpError(str(e)) from None
+        self.address = self.incoming.listener.getsockname()[:2]
+        self.incoming.on_handshake = lambda: self._set_status("active")
+        self._set_status("setup")
+
+        def receive() -> None:
+            try:
+                self.result = self.incoming.run()
+            except (IncomingError, OSError, ValueError) as e:
+                self.error = str(e)
+                self._set_status("failed")
+            else:
+                self.vm = self.result.vm
+                self.events.emit("RESUME")  # the guest runs here (vm_start), then completed
+                if self.vm is not None:
+                    self._vm_events(self.vm)
+                self._set_status("completed")
+            finally:
+                self.ended.set()
+
+        threading.Thread(target=receive, name="mig/dst/main", daemon=True).start()
+        return self.incoming
+
+    def migrate_incoming(self, args: dict[str, Any]) -> dict[str, Any]:
+        """qmp_migrate_incoming: only with `-incoming defer` (dqmig incoming defer)."""
+        if not self.deferred:
+            raise QmpError("'-incoming' was not specified on the command line")
+        if ("uri" in args) == ("channels" in args):
+            raise QmpError("need either 'uri' or 'channels' argument")
+        self.listen(args["uri"] if "uri" in args else channels_uri(args["channels"]))
+        return {}
+
+    def migrate_set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
+        staged = self._stage_capabilities(args, lambda name: self.status in ("active",))
+        self.params.capabilities = staged.capabilities
+        return {}
+
+    def query_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.vm is None:
+            return {"running": False, "status": "inmigrate"}
+        running = self.vm.running
+        return {"running": running, "status": "running" if running else "paused"}
+
+    def query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """fill_destination_migration_info: the status and where it listens."""
+        if self.status == "none":
+            return {}
+        out: dict[str, Any] = {"status": self.status}
+        if self.address is not None:
+            host, port = self.address
+            out["socket-address"] = [{"type": "inet", "host": host, "port": str(port)}]
+        if self.error:
+            out["error-desc"] = self.error
+        return out
+
+    def query_cpus_fast(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        return cpus_fast(self.vm)

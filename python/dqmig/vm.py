@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -134,6 +135,9 @@ class VM:
         self.dma = _native.Vcpu.device(self.guest, config.dma.to_json()) if config.dma else None
         self.handler: ExitHandler = handler or ContinueHandler()
         self.dirty_limiter: Any = None  # a policies.dirtylimit.DirtyLimiter once a limit is set
+        # Called with False once a pause has stopped a running guest, with True when a resume
+        # restarts a paused one: QEMU's STOP and RESUME events.
+        self.on_run_state: Callable[[bool], None] | None = None
         n = len(self.all_writers)
         self.sleep_ns = [0] * n  # throttle sleep per writer (vCPUs, then the DMA writer)
         self._sleep_started: list[float | None] = [None] * n  # a sleep in progress counts too
@@ -207,6 +211,7 @@ class VM:
         at once; a vCPU in an uninterruptible one parks when it is over, and the wait allows
         `timeout` beyond the end of every such sleep."""
         t0 = time.monotonic()
+        was_running = self.running
         with self._cv:
             self._paused = True
             self._cv.notify_all()  # ends interruptible throttle sleeps
@@ -219,6 +224,8 @@ class VM:
                 if left <= 0:
                     raise VmError(f"vCPUs did not stop within {timeout} s")
                 self._cv.wait(left)
+        if was_running and self.on_run_state is not None:
+            self.on_run_state(False)
         return time.monotonic() - t0
 
     def wait_running(self, timeout: float = JOIN_TIMEOUT_S) -> None:
@@ -237,8 +244,16 @@ class VM:
 
     def resume(self) -> None:
         with self._cv:
+            was_paused = self._paused and bool(self._threads) and not self._stopping
             self._paused = False
             self._cv.notify_all()
+        if was_paused and self.on_run_state is not None:
+            self.on_run_state(True)
+
+    def vcpu_thread_id(self, index: int) -> int:
+        """The host TID of vCPU `index`'s thread (0 before the VM starts)."""
+        t = self._threads[index] if index < len(self._threads) else None
+        return (t.native_id or 0) if t is not None else 0
 
     def stop(self, timeout: float = JOIN_TIMEOUT_S) -> None:
         with self._cv:

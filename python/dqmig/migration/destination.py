@@ -84,6 +84,7 @@ class Incoming:
         self._channels: list[Any] = []
         self._errors: list[BaseException] = []
         self._count_lock = threading.Lock()
+        self.on_handshake: Any = None  # called once the handshake is accepted (QMP: active)
 
     @property
     def address(self) -> str:
@@ -155,6 +156,8 @@ class Incoming:
             raise IncomingError(f"handshake refused: {e}") from None
         self.result.handshake = h
         main.send_record(REC["HandshakeAck"], b"")
+        if self.on_handshake is not None:
+            self.on_handshake()
         workers = self._start_page_channels(h, guest) if h["capabilities"] & 1 else []
         try:
             state = self._receive_main(main, guest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,7 +32,8 @@ CHUNK_BYTES = 16 << 20  # per channel per trip into Rust (fewer Python round tri
 SCAN_PAGES = 1 << 16  # dirty-bitmap scan window
 RESUME_TIMEOUT_S = 30.0  # destination: verify digest and start its vCPUs (plus its hash's share)
 
-ACTIVE_STATES = ("setup", "active", "device")
+ACTIVE_STATES = ("setup", "active", "cancelling", "device")
+ENDED_STATES = ("completed", "failed", "cancelled")
 
 
 class Cancelled(Exception):
@@ -47,9 +49,13 @@ class Migration:
     `query()` is QEMU's query-migrate; `cancel()` is migrate_cancel."""
 
     def __init__(self, vm: VM, uri: str, params: MigrationParameters | None = None) -> None:
+        # QEMU's events, if set: ("MIGRATION", {"status"}) at each status change and
+        # ("MIGRATION_PASS", {"pass"}) at each dirty sync. Called on the changing thread.
+        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
         self.vm = vm
         self.uri = uri
         self.params = params or MigrationParameters()
+        self.multifd = self.params.capabilities["multifd"]  # fixed for the migration, as in QEMU
         self.status = "none"
         self.error_desc: str | None = None
         self.converged: bool | None = None
@@ -110,6 +116,47 @@ class Migration:
         self.policy_changes: list[dict[str, Any]] = []
         self._policy_request: tuple[str, str] | None = None
 
+    # -- observed state: each change is an event (see on_event) ---------------------------
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @status.setter
+    def status(self, value: str) -> None:
+        """migrate_set_state. Once cancelling, the migration only ends (cancelled, or failed
+        or completed if it was too late): a step of the thread never takes it back."""
+        old = self.__dict__.get("_status")
+        if old == "cancelling" and value not in ENDED_STATES:
+            return
+        self._status = value
+        if value != old and self.on_event is not None:
+            self.on_event("MIGRATION", {"status": value})
+
+    @property
+    def dirty_sync_count(self) -> int:
+        return self._dirty_sync_count
+
+    @dirty_sync_count.setter
+    def dirty_sync_count(self, value: int) -> None:
+        """Each sync of the dirty log (migration_bitmap_sync) is a MIGRATION_PASS event."""
+        old = self.__dict__.get("_dirty_sync_count", 0)
+        self._dirty_sync_count = value
+        if value > old and self.on_event is not None:
+            self.on_event("MIGRATION_PASS", {"pass": value})
+
+    @property
+    def thread_id(self) -> int | None:
+        """The migration thread's TID while it runs."""
+        t = self._thread
+        return t.native_id if t is not None and t.is_alive() else None
+
+    def multifd_thread_ids(self) -> list[int]:
+        """The multifd sender threads' TIDs (they start with the first pages sent)."""
+        pool = self._pool
+        threads = sorted(getattr(pool, "_threads", ()), key=lambda t: t.name) if pool is not None else []
+        return [t.native_id for t in threads if t.is_alive() and t.native_id is not None]
+
     # -- control ---------------------------------------------------------------------------
 
     def start(self) -> Migration:
@@ -138,6 +185,7 @@ class Migration:
                 return
             self._cancel_reason = reason
             self._cancel.set()
+            self.status = "cancelling"  # QEMU's state between migrate_cancel and cancelled
         for ch in self._all_channels():
             ch.shutdown()
 
