@@ -182,3 +182,55 @@ def test_min_record_rate_is_a_mebibyte_a_second(rate):
     1 MiB/s; a 2 MiB page batch, 32 s with the default 30 s timeout."""
     assert rate == 1 << 20
     assert channel_module.IO_TIMEOUT_S + BATCH_PAGES * 4096 / rate == pytest.approx(32.0)
+
+
+# -- a malicious destination ------------------------------------------------------------------
+
+
+class ScriptedDestination(StallingDestination):
+    """Reads the handshake, then sends `reply` (bytes) instead of a well-formed ack, reads
+    what comes for 0.2 s, and closes."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        super().__init__()
+
+    def _run(self) -> None:
+        conn, _ = self.listener.accept()
+        self.conn = conn
+        conn.settimeout(10)
+        header = conn.recv(8, socket.MSG_WAITALL)
+        conn.recv(struct.unpack("<I", header[4:])[0], socket.MSG_WAITALL)
+        conn.sendall(self.reply)
+        conn.settimeout(0.2)
+        try:
+            conn.recv(1 << 16)  # whatever the source sends next, if anything
+        except OSError:
+            pass
+        conn.close()
+
+
+MALICIOUS_REPLIES = {
+    "unknown-record": (bytes([99, 0, 0, 0, 0, 0, 0, 0]), "unknown record type 99"),
+    "oversized-record": (bytes([REC["HandshakeAck"], 0, 0, 0]) + struct.pack("<I", 0xFFFFFFFF), "exceeds"),
+    "resumed-instead-of-ack": (record("Resumed"), "expected HandshakeAck, got Resumed"),
+    "refusal": (record("Error", b"no room for this guest"), "no room for this guest"),
+    "half-a-header": (bytes([REC["HandshakeAck"], 0]), "truncated inside a record header"),
+    "nothing-then-close": (b"", "connection closed by peer"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALICIOUS_REPLIES))
+def test_a_malicious_destination_fails_the_migration_with_the_reason(case):
+    """Adversarial pass, a malicious destination: whatever it answers, the source fails with
+    a message that says what was wrong, within its bounds, and its guest runs on."""
+    reply, message = MALICIOUS_REPLIES[case]
+    dst = ScriptedDestination(reply)
+    try:
+        with writer_vm() as vm:
+            m = Migration(vm, dst.uri, MigrationParameters(max_bandwidth=0, x_max_time=RUN_S)).start()
+            assert m.wait(RUN_S) == "failed", m.status
+            assert message in (m.error_desc or ""), m.error_desc
+            assert vm.running and not m.outcome_unknown
+    finally:
+        dst.close()

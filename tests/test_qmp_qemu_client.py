@@ -166,10 +166,14 @@ def test_legacy_client_events_cancel_and_retry(sock_path, start_destination):
         mon.clear_events()
         with start_destination() as rx:
             mon.cmd("migrate", uri=rx.uri)
-            names = []
+            names, statuses = [], []
             while (e := mon.pull_event(wait=T)).get("data") != {"status": "completed"}:
                 names.append(e["event"])
+                if e["event"] == "MIGRATION":
+                    statuses.append(e["data"]["status"])
             assert "STOP" in names and "MIGRATION_PASS" in names, names
+            # Stop-and-copy stays "active" (migration_maybe_pause: DEVICE needs pause-before-switchover).
+            assert statuses == ["setup", "active"], statuses
             rx.join()
         assert mon.cmd("query-migrate")["status"] == "completed"
         assert len(s.monitor.attempts) == 2

@@ -117,7 +117,6 @@ EXPECTED_MEMBERS = {
     "setup": {"status"},
     "active": {"status", "setup-time", "total-time", "expected-downtime", "ram", "x-dqmig"},
     "cancelling": {"status", "setup-time", "total-time", "expected-downtime", "ram", "x-dqmig"},
-    "device": {"status", "setup-time", "total-time", "expected-downtime", "ram", "x-dqmig"},
     "completed": {"status", "setup-time", "total-time", "downtime", "ram", "x-dqmig"},
     "cancelled": {"status", "error-desc", "x-dqmig"},
     "failed": {"status", "error-desc", "x-dqmig"},

@@ -122,6 +122,8 @@ class _Common:
     def _migration_event(self, name: str, data: dict[str, Any]) -> None:
         """MIGRATION and MIGRATION_PASS go out only with the `events` capability on, checked
         when they happen (migrate_generate_event, migration_bitmap_sync)."""
+        if name == "MIGRATION" and data.get("status") == "device":
+            return  # QEMU stays "active" through stop-and-copy (see qmp_migration_info)
         if self.params.capabilities["events"]:
             self.events.emit(name, data)
 
@@ -457,7 +459,7 @@ class Monitor(_Common):
 
 # -- query-migrate, as QEMU 10.0 fills it (migration/migration.c) -------------------------------
 
-ACTIVE_STATUSES = ("active", "cancelling", "device")  # populate_time_info and populate_ram_info
+ACTIVE_STATUSES = ("active", "cancelling")  # populate_time_info and populate_ram_info
 
 
 def qmp_migration_info(m: Migration) -> dict[str, Any]:
@@ -468,7 +470,10 @@ def qmp_migration_info(m: Migration) -> dict[str, Any]:
     dirty-limit fields only while a limit is in service (the policies report them so). What
     dqmig adds (its own measures, and a failed attempt's counters) is under `x-dqmig`."""
     internal = m.query()
-    status = internal["status"]
+    # dqmig's "device" is its stop-and-copy; QEMU enters DEVICE only with
+    # pause-before-switchover (migration_maybe_pause), which dqmig does not emulate, and
+    # otherwise stays ACTIVE until completed. query-status says finish-migrate meanwhile.
+    status = "active" if internal["status"] == "device" else internal["status"]
     out: dict[str, Any] = {"status": status}
     if status in (*ACTIVE_STATUSES, "completed"):
         out["setup-time"] = internal["setup-time"]
