@@ -175,16 +175,12 @@ def fallback_rule(dma_pages_per_window: int) -> tuple[bool, str | None]:
     dma = [0]
     policy._free_dma_dirtied = lambda: dma[0]
     m = SimpleNamespace(remaining=8 * MiB, transferred=0, page_size=4096)
-    orig_now = dirtyquota.now
-    dirtyquota.now = lambda: t[0]
-    try:
-        assert not policy._over_throttling(m)
-        t[0] += 3.0
-        policy.allocator.state[0].total_sleep = 0.95 * 3.0
-        m.transferred, dma[0] = 2048 * 4096, dma_pages_per_window
-        return policy._over_throttling(m), policy.stalled_by
-    finally:
-        dirtyquota.now = orig_now
+    policy.clock = lambda: t[0]  # the policy's injected clock
+    assert not policy._over_throttling(m)
+    t[0] += 3.0
+    policy.allocator.state[0].total_sleep = 0.95 * 3.0
+    m.transferred, dma[0] = 2048 * 4096, dma_pages_per_window
+    return policy._over_throttling(m), policy.stalled_by
 
 
 def test_over_throttling_by_vcpus_falls_back_and_by_dma_does_not():

@@ -16,9 +16,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from dqmig import _native
+from dqmig.engine import Clock, ExitHandler
+from dqmig.policies.base import ContinueHandler
 from dqmig.programs import ProgramSpec, classify, preset
 from dqmig.units import MiB
 
@@ -75,33 +77,6 @@ class VmConfig:
             raise ValueError(f"{len(self.programs)} programs given for {self.vcpus} vCPUs")
         if not (self.timeslice > 0 and math.isfinite(self.timeslice)):
             raise ValueError(f"timeslice must be > 0 s, not {self.timeslice}")
-
-
-class ExitHandler(Protocol):
-    """What a throttling policy implements: called on the vCPU's own thread."""
-
-    def handle_exit(self, vm: VM, vcpu: _native.Vcpu, exit: _native.Exit) -> None: ...
-
-
-class ContinueHandler:
-    """The default: no throttling. Reaps a full dirty ring (then applies a dirty limit, if one
-    is set) and turns off a spent quota that no policy owns, so the vCPU continues.
-
-    The reap follows QEMU's KVM_EXIT_DIRTY_RING_FULL handling (kvm_cpu_exec): every ring
-    while no dirty limit is in service, only the exiting vCPU's ring while one is
-    (dirtylimit_in_service). Reaping every ring then would empty the other writers' rings
-    before they fill, and they would miss the sleeps the controller counts on."""
-
-    def handle_exit(self, vm: VM, vcpu: _native.Vcpu, exit: _native.Exit) -> None:
-        if exit.reason == "DIRTY_RING_FULL":
-            limiter = vm.dirty_limiter
-            if limiter is not None and limiter.limiting and vcpu.index is not None:
-                vm.guest.reap_vcpu(vcpu.index)
-                limiter.on_ring_full(vm, vcpu)
-            else:
-                vm.guest.reap()
-        elif exit.reason == "DIRTY_QUOTA_EXHAUSTED":
-            vcpu.quota = 0
 
 
 class VmError(RuntimeError):
@@ -341,6 +316,15 @@ class VM:
         """A writer's index in all_writers (vCPUs, then the DMA writer)."""
         return len(self.vcpus) if vcpu.is_device else vcpu.index  # type: ignore[return-value]
 
+    @property
+    def clock(self) -> Clock:
+        """The emulator's time: the host's monotonic clock."""
+        return time.monotonic
+
+    def start_timer(self, period: Callable[[], float], tick: Callable[[float], None], name: str) -> _ThreadTimer:
+        """Calls `tick(now)` on a thread of its own every `period()` seconds until stopped."""
+        return _ThreadTimer(period, tick, name)
+
     # -- dirty logging ---------------------------------------------------------------------
 
     def start_dirty_log(self) -> None:
@@ -390,3 +374,26 @@ class VM:
         import numpy as np
 
         return np.frombuffer(self.guest, dtype=np.uint8).reshape(self.guest.pages, self.guest.page_size)
+
+
+class _ThreadTimer:
+    """engine.Timer on a daemon thread: each round waits `period()` (read again every round)."""
+
+    def __init__(self, period: Callable[[], float], tick: Callable[[float], None], name: str) -> None:
+        self._period, self._tick = period, tick
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._period()):
+            self._tick(time.monotonic())
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)

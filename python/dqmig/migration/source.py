@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,50 +20,31 @@ from dqmig import _native
 from dqmig.migration import channel
 from dqmig.migration.channel import REC, StreamError
 from dqmig.migration.params import MigrationParameters
-from dqmig.policies import Policy, make_policy
+from dqmig.migration.precopy import (  # noqa: F401  (re-exported: the loop's names)
+    ACTIVE_STATES,
+    BATCH_PAGES,
+    STEP_S,
+    WINDOW_S,
+    Cancelled,
+    NotConverged,
+    PreCopy,
+)
 from dqmig.vm import VM
 
-WINDOW_S = 0.100  # QEMU's BUFFER_DELAY: rate-limit and bandwidth window
-STEP_S = 0.050  # longest send step before the loop re-checks (QEMU: 50 ms)
-DIRTY_RATE_PERIOD_S = 1.0  # dirty-pages-rate is computed over >= 1 s
-BATCH_PAGES = 512  # pages per batch record (2 MiB at 4 KiB)
-CHUNK_BYTES = 16 << 20  # per channel per trip into Rust (fewer Python round trips), at most
 SCAN_PAGES = 1 << 16  # dirty-bitmap scan window
 RESUME_TIMEOUT_S = 30.0  # destination: verify digest and start its vCPUs (plus its hash's share)
 
-ACTIVE_STATES = ("setup", "active", "cancelling", "device")
-ENDED_STATES = ("completed", "failed", "cancelled")
 
-
-class Cancelled(Exception):
-    pass
-
-
-class NotConverged(Exception):
-    pass
-
-
-class Migration:
+class Migration(PreCopy):
     """One outgoing migration of `vm` to `uri`. `start()` runs it on its own thread;
     `query()` is QEMU's query-migrate; `cancel()` is migrate_cancel."""
 
     def __init__(self, vm: VM, uri: str, params: MigrationParameters | None = None) -> None:
-        # QEMU's events, if set: ("MIGRATION", {"status"}) at each status change and
-        # ("MIGRATION_PASS", {"pass"}) at each dirty sync. Called on the changing thread.
-        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+        g = vm.guest
+        super().__init__(params, g.page_size, g.pages)
         self.vm = vm
         self.uri = uri
-        self.params = params or MigrationParameters()
-        self.multifd = self.params.capabilities["multifd"]  # fixed for the migration, as in QEMU
-        self.status = "none"
-        self.error_desc: str | None = None
-        self.converged: bool | None = None
-        self.samples: list[dict[str, Any]] = []
-        g = vm.guest
-        self.page_size = g.page_size
-        self._pages = g.pages
         self._dirty = np.zeros(g.pages, dtype=bool)  # the migration bitmap
-        self._dirty_count = 0
         self._cursor = 0
         # Lazy dirty-log clear (bitmap mode): chunk -> pages the last sync reported there,
         # still unprotected in the log until the chunk's first page is sent.
@@ -76,74 +56,18 @@ class Migration:
         self._channels: list[Any] = []  # page channels; [0] is main without multifd
         self._main: Any = None
         self._pool: ThreadPoolExecutor | None = None
-        # query-migrate counters
-        self.t_start = 0.0
-        self.setup_time = 0.0
-        self.total_time = 0.0
-        self.downtime: float | None = None  # QEMU's: stop to the last byte of device state sent
-        self.blackout_time: float | None = None  # dqmig's x-blackout-time: stop to the guest running there
         self._sent_all_t: float | None = None
-        self.stop_latency: float | None = None  # from the stop request to every vCPU parked
-        self.t_stop: float | None = None
-        self.transferred = 0
-        self.duplicate = 0
-        self.normal = 0
-        self.precopy_bytes = 0
-        self.downtime_bytes = 0
-        self.dirty_sync_count = 0
-        self.dirty_pages_rate = 0.0
-        self.bandwidth = 0.0  # bytes/s over the last window
-        self.threshold = 0.0  # bytes
-        self.pages_per_second = 0.0
         self.verify_time: float | None = None
-        self.expected_downtime: float | None = None  # s, updated at a window (QEMU's rule)
-        self._dirty_bytes_last_sync = 0
         self.digest_time: float | None = None  # the source's own hash at switchover
         self._committed = False  # the completion record went out: the destination decides
         self.outcome_unknown = False  # failed after the commit: the guest may run there
         # The wait for "resumed": the destination may still be hashing its copy.
         self.resume_timeout = RESUME_TIMEOUT_S + channel.digest_timeout(g.size)
         self.run_state_lock = threading.Lock()  # held by the switchover's stop and by QMP stop/cont
-        self._window_start = 0.0
-        self._window_bytes = 0
-        self._window_pages = 0
-        self._period_start = 0.0
-        self._period_new_dirty = 0
         self._paused_by_us = False
-        self._last_sample: dict[str, Any] | None = None
-        self.new_dirty_pages = 0  # pages newly dirtied, summed over syncs (auto-converge trigger)
-        self.policy: Policy | None = None
-        self.policy_changes: list[dict[str, Any]] = []
-        self._policy_request: tuple[str, str] | None = None
 
-    # -- observed state: each change is an event (see on_event) ---------------------------
-
-    @property
-    def status(self) -> str:
-        return self._status
-
-    @status.setter
-    def status(self, value: str) -> None:
-        """migrate_set_state. Once cancelling, the migration only ends (cancelled, or failed
-        or completed if it was too late): a step of the thread never takes it back."""
-        old = self.__dict__.get("_status")
-        if old == "cancelling" and value not in ENDED_STATES:
-            return
-        self._status = value
-        if value != old and self.on_event is not None:
-            self.on_event("MIGRATION", {"status": value})
-
-    @property
-    def dirty_sync_count(self) -> int:
-        return self._dirty_sync_count
-
-    @dirty_sync_count.setter
-    def dirty_sync_count(self, value: int) -> None:
-        """Each sync of the dirty log (migration_bitmap_sync) is a MIGRATION_PASS event."""
-        old = self.__dict__.get("_dirty_sync_count", 0)
-        self._dirty_sync_count = value
-        if value > old and self.on_event is not None:
-            self.on_event("MIGRATION_PASS", {"pass": value})
+    def clock(self) -> float:
+        return time.monotonic()
 
     @property
     def thread_id(self) -> int | None:
@@ -171,10 +95,6 @@ class Migration:
         if self._thread:
             self._thread.join(timeout)
         return self.status
-
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE_STATES
 
     def cancel(self, reason: str = "cancelled by migrate_cancel") -> None:
         """Cancels an active migration: the source VM keeps (or resumes) running. Once the
@@ -293,93 +213,32 @@ class Migration:
         self._dirty[:] = True  # every page starts dirty
         self._dirty_count = self._pages
         self.vm.start_dirty_log()
-        self.dirty_sync_count = 1
-        now = time.monotonic()
-        self.setup_time = now - self.t_start
-        self._window_start = self._period_start = now
-        self._start_policy(make_policy(self.vm, self.params), "setup")
-        self._sample("setup")
+        self._begin()
 
-    # -- throttling ------------------------------------------------------------------------
+    # -- what the pre-copy loop asks of the engine ------------------------------------------
 
-    def _start_policy(self, policy: Policy, reason: str) -> None:
-        self.policy = policy
-        self.policy_changes.append(
-            {"t": round(time.monotonic() - self.t_start, 4), "policy": policy.name, "reason": reason}
-        )
-        policy.start(self)
+    def _wait(self, seconds: float) -> None:
+        if self._cancel.wait(seconds):
+            raise Cancelled
 
-    def _stop_policy(self) -> None:
-        if self.policy is not None:
-            self.policy.stop()
+    def _send_dirty(self, limit: int, *, precopy: bool) -> None:
+        self._send(self._take_dirty(limit), precopy=precopy)
 
-    def request_policy(self, name: str, reason: str) -> None:
-        """Switches the throttling policy at the migration thread's next step (QMP toggling a
-        capability mid-migration, or dirty-quota falling back to auto-converge)."""
-        self._policy_request = (name, reason)
-
-    def _apply_policy_request(self) -> None:
-        request, self._policy_request = self._policy_request, None
-        if request is None:
-            return
-        name, reason = request
-        if self.policy is not None and self.policy.name == name:
-            return
-        self._stop_policy()
-        self._start_policy(make_policy(self.vm, self.params, name), reason)
-
-    # -- pre-copy --------------------------------------------------------------------------
+    def _after_sync(self) -> None:
+        self._barrier()
+        channel.send_json(self._main, "Iteration", {"n": self.dirty_sync_count, "remaining": self.remaining})
 
     @property
-    def remaining(self) -> int:
-        return self._dirty_count * self.page_size
+    def _channel_count(self) -> int:
+        return len(self._channels)
 
-    def _iterate(self) -> None:
-        while True:
-            self._check_cancel()
-            self._check_caps()
-            self._apply_policy_request()
-            if self.policy is not None and self.policy.periodic_sync_due(self, time.monotonic()):
-                self._sync()  # QEMU 9.2: a long iteration still syncs (and re-checks the throttle)
-            if self.remaining < self.threshold or self._dirty_count == 0:
-                self._sync()
-                if self.remaining < self.threshold or self._dirty_count == 0:
-                    return
-            self._send_step()
+    def _account(self, nbytes: int, duplicate: int, normal: int, pages: int, *, precopy: bool) -> None:
+        with self._lock:  # query() reads these from other threads
+            super()._account(nbytes, duplicate, normal, pages, precopy=precopy)
 
-    def _check_caps(self) -> None:
-        p = self.params
-        if p.x_max_iterations and self.dirty_sync_count > p.x_max_iterations:
-            raise NotConverged(f"did not converge within {p.x_max_iterations} iterations")
-        if p.x_max_time and time.monotonic() - self.t_start > p.x_max_time:
-            raise NotConverged(f"did not converge within {p.x_max_time:g} s")
-
-    def _send_step(self) -> None:
-        """Sends dirty pages until rate-limited, clean, or STEP_S has passed."""
-        step_end = time.monotonic() + STEP_S
-        budget = self.params.max_bandwidth * WINDOW_S
-        while self._dirty_count and time.monotonic() < step_end:
-            self._check_cancel()
-            self._tick()
-            if budget and self._window_bytes >= budget:
-                # Rate-limited: sleep to the window's end (cancel ends it early).
-                left = self._window_start + WINDOW_S - time.monotonic()
-                if left > 0 and self._cancel.wait(left):
-                    raise Cancelled
-                continue
-            limit = self._chunk_pages() * len(self._channels)
-            if budget:
-                limit = min(limit, max(1, int((budget - self._window_bytes) // self.page_size) + 1))
-            self._send(self._take_dirty(limit), precopy=True)
-
-    def _chunk_pages(self) -> int:
-        """Pages per channel for one trip into Rust: CHUNK_BYTES, but no more than a step's
-        worth at the measured bandwidth (one batch until it is measured), so a slow link
-        still ticks every window."""
-        if not self.bandwidth:
-            return BATCH_PAGES
-        step = int(self.bandwidth * STEP_S / len(self._channels))
-        return max(1, min(CHUNK_BYTES, step) // self.page_size)
+    def _ram(self) -> dict[str, Any]:
+        with self._lock:
+            return super()._ram()
 
     def _take_dirty(self, n: int) -> np.ndarray:
         """Up to n dirty pages from the cursor on (wrapping), cleared in the bitmap."""
@@ -429,52 +288,13 @@ class Migration:
                 if len(part)
             ]
             results = [f.result(timeout=channel.IO_TIMEOUT_S * 2) for f in futures]
-        nbytes = sum(r[0] for r in results)
-        with self._lock:
-            self.transferred += nbytes
-            self.duplicate += sum(r[1] for r in results)
-            self.normal += sum(r[2] for r in results)
-            if precopy:
-                self.precopy_bytes += nbytes
-            else:
-                self.downtime_bytes += nbytes
-        self._window_bytes += nbytes
-        self._window_pages += len(pages)
-
-    def _tick(self) -> None:
-        """Closes a >= 100 ms window: bandwidth, threshold, expected downtime, a sample."""
-        now = time.monotonic()
-        elapsed = now - self._window_start
-        if elapsed < WINDOW_S:
-            return
-        self.bandwidth = self._window_bytes / elapsed
-        self.pages_per_second = self._window_pages / elapsed
-        self.threshold = self.bandwidth * self.params.downtime_limit / 1000
-        # migration_update_counters: only with a dirty rate and more than 10000 bytes sent.
-        if self.dirty_pages_rate and self._window_bytes > 10000:
-            self.expected_downtime = self._dirty_bytes_last_sync / self.bandwidth
-        self._window_start, self._window_bytes, self._window_pages = now, 0, 0
-        if self.policy is not None:
-            self.policy.on_tick(self)
-        self._sample("tick")
-
-    def _sync(self) -> None:
-        """One iteration: harvest the dirty log into the migration bitmap."""
-        self._tick()
-        new = self._merge_harvest()
-        self._period_new_dirty += new
-        self.new_dirty_pages += new
-        self._dirty_bytes_last_sync = self.remaining
-        self.dirty_sync_count += 1
-        now = time.monotonic()
-        if now - self._period_start >= DIRTY_RATE_PERIOD_S:
-            self.dirty_pages_rate = self._period_new_dirty / (now - self._period_start)
-            self._period_start, self._period_new_dirty = now, 0
-        if self.policy is not None:
-            self.policy.on_sync(self)
-        self._barrier()
-        channel.send_json(self._main, "Iteration", {"n": self.dirty_sync_count, "remaining": self.remaining})
-        self._sample("sync")
+        self._account(
+            sum(r[0] for r in results),
+            sum(r[1] for r in results),
+            sum(r[2] for r in results),
+            len(pages),
+            precopy=precopy,
+        )
 
     def _merge_harvest(self, final: bool = False) -> int:
         """Harvests the dirty log into the migration bitmap; returns the pages newly dirty.
@@ -516,9 +336,7 @@ class Migration:
         self._sample("stop")
         self._merge_harvest(final=True)
         self.dirty_sync_count += 1
-        while self._dirty_count > 0:
-            self._check_cancel()
-            self._send(self._take_dirty(self._chunk_pages() * len(self._channels)), precopy=False)
+        self._drain()
         self._barrier()
         if self._channels != [self._main]:
             for ch in self._channels:
@@ -561,73 +379,6 @@ class Migration:
         }
 
     # -- telemetry -------------------------------------------------------------------------
-
-    def query(self) -> dict[str, Any]:
-        """QEMU's query-migrate."""
-        now = time.monotonic()
-        out: dict[str, Any] = {"status": self.status}
-        if self.status == "none":
-            return out
-        total = (now - self.t_start) if self.active else self.total_time
-        out["total-time"] = int(total * 1000)
-        out["setup-time"] = int(self.setup_time * 1000)
-        if self.downtime is not None and self.blackout_time is not None:
-            out["downtime"] = int(self.downtime * 1000)
-            out["x-blackout-time"] = int(self.blackout_time * 1000)
-        elif self.expected_downtime is not None:
-            out["expected-downtime"] = int(self.expected_downtime * 1000)
-        with self._lock:
-            out["ram"] = {
-                "transferred": self.transferred,
-                "total": self._pages * self.page_size,
-                "remaining": self.remaining,
-                "duplicate": self.duplicate,
-                "normal": self.normal,
-                "normal-bytes": self.normal * self.page_size,
-                "dirty-pages-rate": int(self.dirty_pages_rate),
-                "mbps": round(self.bandwidth * 8 / 1e6, 3),
-                "dirty-sync-count": self.dirty_sync_count,
-                "pages-per-second": int(self.pages_per_second),
-                "page-size": self.page_size,
-                "precopy-bytes": self.precopy_bytes,
-                "downtime-bytes": self.downtime_bytes,
-            }
-        if self.stop_latency is not None:
-            out["x-stop-latency"] = int(self.stop_latency * 1000)
-        if self.policy is not None and self.policy.active:
-            out.update(self.policy.query())
-        if self.error_desc:
-            out["error-desc"] = self.error_desc
-        return out
-
-    def _sample(self, event: str) -> None:
-        """A time-series point: query-migrate plus per-vCPU guest progress."""
-        now = time.monotonic()
-        counters = self.vm.counters()
-        prev = self._last_sample
-        vcpus = []
-        for i, c in enumerate(counters):
-            row = {
-                "progress": c["progress"],
-                "pages-dirtied": c["pages_dirtied"],
-                "sleep-ns": c["sleep_ns"],
-                "cpu-ns": c["cpu_ns"],  # the vCPU thread's CPU time
-                "halt-ns": c["halt_ns"],  # halted in the guest (idle, rate limit)
-                "quota-exits": c["exits"]["DIRTY_QUOTA_EXHAUSTED"],
-                "ring-full-exits": c["exits"]["DIRTY_RING_FULL"],
-            }
-            if prev and now > prev["_t"]:
-                dt = now - prev["_t"]
-                row["progress-rate"] = (c["progress"] - prev["vcpus"][i]["progress"]) / dt
-            vcpus.append(row)
-        sample = {"t": round(now - self.t_start, 4), "_t": now, "event": event, **self.query()}
-        sample["threshold"] = int(self.threshold)
-        sample["vcpus"] = vcpus
-        if self.policy is not None:
-            sample["policy"] = self.policy.name
-            sample.update(self.policy.sample())
-        self._last_sample = sample
-        self.samples.append(sample)
 
     def report(self) -> dict[str, Any]:
         samples = [{k: v for k, v in s.items() if k != "_t"} for s in self.samples]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from dqmig.engine import Host
 from dqmig.migration.params import MigrationParameters
 from dqmig.policies.autoconverge import AutoConverge
 from dqmig.policies.base import Policy
 from dqmig.policies.dirtylimit import DirtyLimit
 from dqmig.policies.dirtyquota import DirtyQuota
-from dqmig.vm import VM
 
 POLICIES: dict[str, type[Policy]] = {
     "none": Policy,
@@ -24,7 +24,7 @@ def policy_name(params: MigrationParameters) -> str:
     return "none"
 
 
-def make_policy(vm: VM, params: MigrationParameters, name: str | None = None) -> Policy:
+def make_policy(vm: Host, params: MigrationParameters, name: str | None = None) -> Policy:
     """The policy the capabilities select (or `name`), after QEMU's combination checks."""
     if name is None:
         params.check_capabilities(vm.guest.dirty_ring)

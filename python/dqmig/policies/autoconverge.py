@@ -3,13 +3,10 @@ the guest dirties more than a share of what the network carries."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from dqmig import _native
-from dqmig.policies.base import Policy, now
-
-if TYPE_CHECKING:
-    from dqmig.migration.source import Migration
+from dqmig.engine import Exit, Host, MigrationView, Writer
+from dqmig.policies.base import Policy
 
 TIMESLICE_S = 0.010  # CPU_THROTTLE_TIMESLICE: each vCPU runs this long between sleeps
 PERIOD_S = 1.0  # the trigger is checked at a dirty sync at most once per period
@@ -37,11 +34,11 @@ class Trigger:
         self.bytes_dirty_period = 0
         self.bytes_dirty_threshold = 0
 
-    def start(self, m: Migration, t: float) -> None:
+    def start(self, m: MigrationView, t: float) -> None:
         """Begins the first period: call at the setup sync (Policy.start)."""
         self._reset(m, t)
 
-    def check(self, m: Migration, t: float) -> bool:
+    def check(self, m: MigrationView, t: float) -> bool:
         if self.period_start is None:
             raise RuntimeError("Trigger.check before Trigger.start (the setup sync)")
         if t - self.period_start <= PERIOD_S:  # QEMU: end_time > time_last_bitmap_sync + 1000
@@ -57,7 +54,7 @@ class Trigger:
                 return True
         return False
 
-    def _reset(self, m: Migration, t: float) -> None:
+    def _reset(self, m: MigrationView, t: float) -> None:
         self.period_start, self.dirty_at_start, self.xfer_at_start = t, m.new_dirty_pages, m.transferred
 
 
@@ -122,7 +119,7 @@ class AutoConverge(Policy):
         self._next_sleep = [0.0] * len(vm.all_writers)
         self.history: list[tuple[float, int]] = []
 
-    def start(self, migration: Migration) -> None:
+    def start(self, migration: MigrationView) -> None:
         super().start(migration)
         self.trigger.start(migration, self.clock())
         if self.params.x_cpu_throttle_periodic_sync:
@@ -131,10 +128,10 @@ class AutoConverge(Policy):
             setup = migration.dirty_sync_count <= 1
             self.periodic = PeriodicSync(migration.t_start if setup else self.clock())
 
-    def periodic_sync_due(self, m: Migration, t: float) -> bool:
+    def periodic_sync_due(self, m: MigrationView, t: float) -> bool:
         return self.periodic is not None and self.periodic.due(t, m.dirty_sync_count)
 
-    def on_sync(self, m: Migration) -> None:
+    def on_sync(self, m: MigrationView) -> None:
         if self.trigger.check(m, self.clock()):
             p = self.params
             self.percentage = next_percentage(
@@ -148,13 +145,17 @@ class AutoConverge(Policy):
             )
             self.history.append((self.clock(), self.percentage))
 
-    def handle_exit(self, vm, vcpu: _native.Vcpu, exit: _native.Exit) -> None:  # type: ignore[no-untyped-def]
+    @property
+    def wants_timeslices(self) -> bool:  # type: ignore[override]
+        return self.percentage > 0  # the actuator runs at timeslice exits once throttling
+
+    def handle_exit(self, vm: Host, vcpu: Writer, exit: Exit) -> None:
         super().handle_exit(vm, vcpu, exit)
         pct = self.percentage
         if not pct or vcpu.is_device:
             return  # QEMU throttles vCPUs only
         slot = self.slot(vcpu)
-        t = now()
+        t = vm.clock()  # the actuator's time is the host's, as its sleeps are
         if t >= self._next_sleep[slot]:
             # Ran a timeslice: sleep p/(1-p) of it, so the vCPU sleeps a share p of the time.
             slept = vm.throttle_sleep(vcpu, pct / (100 - pct) * TIMESLICE_S)

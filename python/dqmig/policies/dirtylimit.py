@@ -4,17 +4,12 @@ never fill a ring and are never slowed."""
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from dqmig import _native
+from dqmig.engine import Host, MigrationView, Timer, Writer
 from dqmig.policies.autoconverge import Trigger
-from dqmig.policies.base import Policy, now
+from dqmig.policies.base import Policy
 from dqmig.units import MiB
-
-if TYPE_CHECKING:
-    from dqmig.migration.source import Migration
-    from dqmig.vm import VM
 
 TOLERANCE_MBPS = 25  # DIRTYLIMIT_TOLERANCE_RANGE
 LINEAR_ADJUSTMENT_PCT = 50  # DIRTYLIMIT_LINEAR_ADJUSTMENT_PCT
@@ -63,7 +58,7 @@ class DirtyLimiter:
     without a migration (QMP's set-vcpu-dirty-limit works on a running VM); one per VM, as
     QEMU's state is one per process, so the high-water dirty rate outlives a migration."""
 
-    def __init__(self, vm: VM, period_ms: int = OUTSIDE_MIGRATION_PERIOD_MS) -> None:
+    def __init__(self, vm: Host, period_ms: int = OUTSIDE_MIGRATION_PERIOD_MS) -> None:
         if not vm.guest.dirty_ring:
             raise ValueError("dirty-limit requires the dirty ring (a guest with dirty-ring-size set)")
         n = len(vm.vcpus)
@@ -75,8 +70,8 @@ class DirtyLimiter:
         self.max_rate = 0  # MB/s: QEMU's one high-water rate (a static), never decreases
         self.migration_quota: int | None = None  # the vcpu-dirty-limit a migration last applied
         self.interruptible = False  # a stop ends a sleep (x-dirty-limit-interruptible); QEMU: no
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._timer: Timer | None = None
+        self._last: tuple[list[int], float] | None = None  # counts and time of the last round
 
     def set(self, rate_mbps: int, cpu: int | None = None) -> None:
         for i in self._cpus(cpu):
@@ -129,25 +124,24 @@ class DirtyLimiter:
         return self.ring_full_time(total // len(running))
 
     def _ensure_running(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="dirtylimit", daemon=True)
-            self._thread.start()
+        """The controller (QEMU's dirtylimit thread): a round every period on the host's
+        timer (a thread on the emulator, events in virtual time on the simulator)."""
+        if self._timer is None:
+            self._last = ([v.dirty_count for v in self.vm.vcpus], self.vm.clock())
+            self._timer = self.vm.start_timer(lambda: self.period_ms / 1000, self._round, "dirtylimit")
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(2)
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
         self.cancel()
 
-    def _loop(self) -> None:
-        last = [v.dirty_count for v in self.vm.vcpus]
-        t_last = now()
-        while not self._stop.wait(self.period_ms / 1000):
-            t = now()
-            counts = [v.dirty_count for v in self.vm.vcpus]
-            self.measure(counts, last, t - t_last)
-            last, t_last = counts, t
+    def _round(self, t: float) -> None:
+        counts = [v.dirty_count for v in self.vm.vcpus]
+        assert self._last is not None
+        last, t_last = self._last
+        self.measure(counts, last, t - t_last)
+        self._last = (counts, t)
 
     def measure(self, counts: list[int], last: list[int], seconds: float) -> None:
         """One controller round from per-vCPU dirty counts (pages pushed to each ring):
@@ -166,7 +160,7 @@ class DirtyLimiter:
                 continue
             self.sleep_us[i] = adjust_sleep(lim, rate, self.sleep_us[i], self.ring_full_time(rate))
 
-    def on_ring_full(self, vm: VM, vcpu: _native.Vcpu) -> None:
+    def on_ring_full(self, vm: Host, vcpu: Writer) -> None:
         """dirtylimit_vcpu_execute, after the exit handler reaped this vCPU's ring: sleep its
         time. QEMU sleeps with g_usleep, which a stop does not end: so does this, unless
         `interruptible`."""
@@ -182,7 +176,7 @@ class DirtyLimit(Policy):
 
     name = "dirty-limit"
 
-    def __init__(self, vm: VM, params) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, vm: Host, params) -> None:  # type: ignore[no-untyped-def]
         super().__init__(vm, params)
         if vm.dirty_limiter is None:
             vm.dirty_limiter = DirtyLimiter(vm)
@@ -190,17 +184,17 @@ class DirtyLimit(Policy):
         self.trigger = Trigger(params.throttle_trigger_threshold)
         self.triggered = False
 
-    def start(self, migration: Migration) -> None:
+    def start(self, migration: MigrationView) -> None:
         super().start(migration)
         self.trigger.start(migration, self.clock())
         self.limiter.period_ms = self.params.x_vcpu_dirty_limit_period
         self.limiter.interruptible = self.params.x_dirty_limit_interruptible
 
-    def on_tick(self, m: Migration) -> None:
+    def on_tick(self, m: MigrationView) -> None:
         # vcpu_dirty_rate_stat_collect reads x-vcpu-dirty-limit-period at every round.
         self.limiter.period_ms = self.params.x_vcpu_dirty_limit_period
 
-    def on_sync(self, m: Migration) -> None:
+    def on_sync(self, m: MigrationView) -> None:
         if self.trigger.check(m, self.clock()):
             self.limit_guest()
 

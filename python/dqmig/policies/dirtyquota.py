@@ -23,15 +23,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from dqmig import _native
+from dqmig.engine import Exit, Host, MigrationView, Writer
 from dqmig.policies.allocator import QuotaAllocator
-from dqmig.policies.base import Policy, now
-
-if TYPE_CHECKING:
-    from dqmig.migration.source import Migration
-    from dqmig.vm import VM
+from dqmig.policies.base import Policy
 
 FALLBACK_WINDOW_S = 3.0
 FALLBACK_SLEEP_SHARE = 0.9
@@ -41,7 +37,7 @@ FALLBACK_MIN_PROGRESS = 0.10
 class DirtyQuota(Policy):
     name = "dirty-quota"
 
-    def __init__(self, vm: VM, params) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, vm: Host, params) -> None:  # type: ignore[no-untyped-def]
         super().__init__(vm, params)
         self.writers = list(vm.vcpus) + ([vm.dma] if vm.dma and params.x_dirty_quota_dma else [])
         self.allocator = QuotaAllocator(
@@ -51,7 +47,7 @@ class DirtyQuota(Policy):
             initial_throughput=params.x_dirty_quota_initial_throughput,
             page_size=vm.guest.page_size,
             window=params.x_dirty_quota_window / 1000,
-            clock=now,
+            clock=lambda: self.clock(),
         )
         self.enforcing = False
         self.fell_back = False
@@ -61,12 +57,12 @@ class DirtyQuota(Policy):
         self.stalled_by: str | None = None
         self._last_sample: list[tuple[int, int, int]] | None = None  # (granted, dirtied, exits)
 
-    def _slot(self, vcpu: _native.Vcpu) -> int | None:
+    def _slot(self, vcpu: Writer) -> int | None:
         if vcpu.is_device:
             return len(self.vm.vcpus) if len(self.writers) > len(self.vm.vcpus) else None
         return vcpu.index
 
-    def start(self, migration: Migration) -> None:
+    def start(self, migration: MigrationView) -> None:
         super().start(migration)
         if not self.params.x_dirty_quota_skip_bulk:
             self._arm()
@@ -84,7 +80,7 @@ class DirtyQuota(Policy):
             w.quota = 0  # throttling off
         super().stop()
 
-    def on_tick(self, m: Migration) -> None:
+    def on_tick(self, m: MigrationView) -> None:
         p = self.params  # read live: QMP may tune them mid-migration
         with self._lock:
             self.allocator.retune(
@@ -94,15 +90,15 @@ class DirtyQuota(Policy):
             )
             self.allocator.update_throughput(m.bandwidth)
 
-    def on_sync(self, m: Migration) -> None:
+    def on_sync(self, m: MigrationView) -> None:
         if not self.enforcing and m.dirty_sync_count >= 2:
             self._arm()  # the bulk iteration is over
         if self.params.x_dirty_quota_fallback and self._over_throttling(m):
             self.fell_back = True
             m.request_policy("auto-converge", "dirty-quota over-throttling: falling back to auto-converge")
 
-    def _over_throttling(self, m: Migration) -> bool:
-        t = now()
+    def _over_throttling(self, m: MigrationView) -> bool:
+        t = self.clock()
         slept = [s.total_sleep for s in self.allocator.state]
         self._history.append((t, m.remaining, slept, self._free_dma_dirtied(), m.transferred))
         # Keep the newest entry at or before the window's start: syncs may be seconds apart.
@@ -126,7 +122,7 @@ class DirtyQuota(Policy):
         dma = self.vm.dma
         return dma.dirty_count if dma is not None and dma not in self.writers else 0
 
-    def handle_exit(self, vm: VM, vcpu: _native.Vcpu, exit: _native.Exit) -> None:
+    def handle_exit(self, vm: Host, vcpu: Writer, exit: Exit) -> None:
         slot = self._slot(vcpu)
         if exit.reason != "DIRTY_QUOTA_EXHAUSTED" or not self.enforcing or slot is None:
             super().handle_exit(vm, vcpu, exit)
