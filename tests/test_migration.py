@@ -284,6 +284,26 @@ def test_expected_downtime_follows_qemus_rule():
     assert window(5000, 100.0)["expected-downtime"] == q["expected-downtime"], "kept when not updated"
 
 
+def test_avail_switchover_bandwidth_replaces_the_measured_bandwidth():
+    """migration_update_counters: with avail-switchover-bandwidth set, expected_bw_per_ms is
+    that figure ("trust the user"), in the threshold and the expected downtime; the measured
+    bandwidth is still reported (mbps)."""
+    params = MigrationParameters(downtime_limit=300)
+    params.set("avail-switchover-bandwidth", 100 * MiB)
+    m = Migration(VM(VmConfig(vcpus=1, memory=16 * MiB)), "tcp:127.0.0.1:1", params)
+    m.status, m.t_start = "active", time.monotonic()
+    m._dirty_bytes_last_sync = 50 * MiB
+    m._window_start, m._window_bytes, m.dirty_pages_rate = time.monotonic() - 0.1, 1 * MiB, 100.0
+    m._tick()
+    assert m.bandwidth == pytest.approx(10 * MiB, rel=0.2), "measured: about 1 MiB in 0.1 s"
+    assert m.threshold == pytest.approx(100 * MiB * 0.3)
+    assert m.query()["expected-downtime"] == 500  # 50 MiB at 100 MiB/s
+    m.params.set("avail-switchover-bandwidth", 0)
+    m._window_start, m._window_bytes = time.monotonic() - 0.1, 1 * MiB
+    m._tick()
+    assert m.threshold == pytest.approx(m.bandwidth * 0.3)
+
+
 def test_lazy_dirty_log_clear_sends_a_page_written_before_its_send_once():
     """QEMU with manual dirty-log protect: a sync leaves the pages it reports write-enabled,
     and migration_clear_memory_region_dirty_bitmap re-protects a chunk (clear-bitmap-shift,

@@ -68,7 +68,9 @@ PARAMS: dict[str, Param] = {
     "tls-hostname": _qemu("", "StrOrNull", doc="(no TLS: no effect)"),
     "tls-authz": _qemu("", "StrOrNull", doc="(no TLS: no effect)"),
     "max-bandwidth": Param(128 * MiB, int, 0, 1 << 62, "bytes/s; 0 = unlimited", "size"),
-    "avail-switchover-bandwidth": _qemu(0, "size", doc="bytes/s; 0 = estimate (not emulated)", emulated=(0,)),
+    "avail-switchover-bandwidth": Param(
+        0, int, 0, 1 << 62, "bytes/s the switchover may use; 0 = the measured bandwidth", "size"
+    ),
     "downtime-limit": Param(300, int, 0, 2_000_000, "ms", "uint64"),
     "x-checkpoint-delay": _qemu(200, "uint32", doc="ms between COLO checkpoints (no COLO: no effect)"),
     "multifd-channels": Param(2, int, 1, 255, "page channels with multifd", "uint8"),

@@ -284,10 +284,13 @@ class PreCopy:
             return
         self.bandwidth = self._window_bytes / elapsed
         self.pages_per_second = self._window_pages / elapsed
-        self.threshold = self.bandwidth * self.params.downtime_limit / 1000
-        # migration_update_counters: only with a dirty rate and more than 10000 bytes sent.
+        # migration_update_counters: avail-switchover-bandwidth, when set, stands in for the
+        # measured bandwidth in the threshold and the expected downtime ("trust the user").
+        expected_bw = self.params.avail_switchover_bandwidth or self.bandwidth
+        self.threshold = expected_bw * self.params.downtime_limit / 1000
+        # Expected downtime only with a dirty rate and more than 10000 bytes sent.
         if self.dirty_pages_rate and self._window_bytes > 10000:
-            self.expected_downtime = self._dirty_bytes_last_sync / self.bandwidth
+            self.expected_downtime = self._dirty_bytes_last_sync / expected_bw
         self._window_start, self._window_bytes, self._window_pages = now, 0, 0
         if self.policy is not None:
             self.policy.on_tick(self)
