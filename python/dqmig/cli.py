@@ -230,6 +230,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     config = vm_config(args)
     params = migration_params(args)
     params.check_capabilities(config.dirty_ring)
+    if args.engine == "sim":
+        return _migrate_sim(args, config, params)
     if args.to:
         parse_uri(args.to)  # a bad URI is a usage error, before anything starts
     vm = VM(config)
@@ -302,6 +304,22 @@ class _signals_interrupt:  # noqa: N801 (a context manager used as a statement)
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.saved.items():
             signal.signal(sig, handler)
+
+
+def _migrate_sim(args: argparse.Namespace, config: VmConfig, params: MigrationParameters) -> int:
+    """`--engine sim`: the same guest and parameters in virtual time over a modelled link."""
+    from dqmig.sim.guest import SimVM
+    from dqmig.sim.migration import DEFAULT_LINK, SimMigration
+
+    for flag, value in (("--to", args.to), ("--qmp", args.qmp), ("--defer", args.defer)):
+        if value:
+            raise ValueError(f"{flag} needs the emulator (--engine emu): the simulator has no network or monitor")
+    link = args.link or DEFAULT_LINK
+    print(_migrate_banner(args, config, params) + f"; engine sim, link {link} B/s", flush=True)
+    vm = SimVM(config)
+    vm.advance_to(args.warmup)
+    m = SimMigration(vm, params, link=link, latency=args.latency / 1000).run()
+    return _finish_migrate(args, vm, m, None)  # type: ignore[arg-type]
 
 
 def _migrate_banner(args: argparse.Namespace, config: VmConfig, params: MigrationParameters) -> str:
@@ -595,6 +613,14 @@ def _add_migrate_parser(sub: argparse._SubParsersAction) -> None:
         help="local destination runs the guest S s (1)",
     )
     p.add_argument("--report", default="dqmig-migration.json", metavar="PATH", help="JSON report path")
+    p.add_argument(
+        "--engine",
+        choices=("emu", "sim"),
+        default="emu",
+        help="emu: the emulator (vCPU threads, TCP; default); sim: the virtual-time simulator",
+    )
+    p.add_argument("--link", type=_bandwidth, default=0, metavar="RATE", help="sim: link capacity (default 1Gbit)")
+    p.add_argument("--latency", type=_non_negative(float), default=0.0, metavar="MS", help="sim: one-way latency")
     p.add_argument("--mem-prealloc", action="store_true", help="the local destination preallocates its memory")
     p.add_argument("--qmp", metavar="unix:PATH", help="serve a QMP control socket")
     p.add_argument("--defer", action="store_true", help="wait for a QMP 'migrate' command instead of starting")

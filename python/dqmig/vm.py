@@ -83,7 +83,30 @@ class VmError(RuntimeError):
     pass
 
 
-class VM:
+class Writers:
+    """Names, classes and programs of a VM's writers (the emulator's and the simulator's)."""
+
+    config: VmConfig
+    programs: list[ProgramSpec]
+    vcpus: Any
+    dma: Any
+
+    def vcpu_classes(self) -> list[str]:
+        return [classify(p) for p in self.programs]
+
+    def writer_names(self) -> list[str]:
+        """Names of all_writers, in order: vcpu0, vcpu1, ..., then dma."""
+        return [f"vcpu{i}" for i in range(len(self.vcpus))] + (["dma"] if self.dma else [])
+
+    def writer_classes(self) -> list[str]:
+        """Classes of all_writers: each vCPU's (writer/reader/idle), then device."""
+        return self.vcpu_classes() + (["device"] if self.dma else [])
+
+    def writer_programs(self) -> list[ProgramSpec]:
+        return self.programs + ([self.config.dma] if self.config.dma else [])
+
+
+class VM(Writers):
     """A running guest. `start()` launches the vCPU threads; `pause()`/`resume()` stop and
     restart them (pause returns once every vCPU is out of run()); `stop()` ends them."""
 
@@ -133,20 +156,6 @@ class VM:
     def all_writers(self) -> list[_native.Vcpu]:
         """The vCPUs, then the DMA writer if there is one."""
         return self.vcpus + ([self.dma] if self.dma else [])
-
-    def vcpu_classes(self) -> list[str]:
-        return [classify(p) for p in self.programs]
-
-    def writer_names(self) -> list[str]:
-        """Names of all_writers, in order: vcpu0, vcpu1, ..., then dma."""
-        return [f"vcpu{i}" for i in range(len(self.vcpus))] + (["dma"] if self.dma else [])
-
-    def writer_classes(self) -> list[str]:
-        """Classes of all_writers: each vCPU's (writer/reader/idle), then device."""
-        return self.vcpu_classes() + (["device"] if self.dma else [])
-
-    def writer_programs(self) -> list[ProgramSpec]:
-        return self.programs + ([self.config.dma] if self.config.dma else [])
 
     # -- lifecycle -------------------------------------------------------------------------
 

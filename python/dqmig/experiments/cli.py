@@ -51,6 +51,11 @@ def _add_common(p: argparse.ArgumentParser, what: str) -> None:
     )
     p.add_argument("--out", type=Path, metavar="DIR", help="report directory (default ./dqmig-<command>-<time>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--engine",
+        choices=scenario.ENGINES,
+        help="emu (the emulator) or sim (the virtual-time simulator); default: the scenario's `engine` (emu)",
+    )
 
 
 def _scenario(name: str | None, overrides: list[str]) -> Scenario:
@@ -65,6 +70,10 @@ def _scenario(name: str | None, overrides: list[str]) -> Scenario:
         else:
             s = s.with_parameter(field, scenario.parse_value(value.strip()))
     return s
+
+
+def _engine(s: Scenario, args: argparse.Namespace) -> Scenario:
+    return s.with_value("engine", args.engine) if args.engine else s
 
 
 def _out_dir(args: argparse.Namespace, stem: str) -> Path:
@@ -113,7 +122,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    s = _scenario(args.scenario, args.set)
+    s = _engine(_scenario(args.scenario, args.set), args)
     names = args.policies or list(s.policies)
     out = _out_dir(args, "compare")
     doc = compare.run(s, names, argv=sys.argv[1:], progress=not args.quiet, on_run=_saver(out))
@@ -156,7 +165,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ScenarioError("sweep: give a KIND (e.g. bandwidth) or --param NAME, not both or neither")
     kind = sweep.SWEEPS[args.kind] if args.kind else sweep.param_sweep(args.param)
     values = [v.strip() for v in args.values.split(",") if v.strip()] if args.values else list(kind.defaults)
-    s = _scenario(args.scenario, args.set)
+    s = _engine(_scenario(args.scenario, args.set), args)
     names = args.policies or list(kind.policies or s.policies)
     out = _out_dir(args, f"sweep-{kind.name}")
     doc = sweep.run(s, kind, values, names, args.repeat, argv=sys.argv[1:], progress=not args.quiet, on_run=_saver(out))

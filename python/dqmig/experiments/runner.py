@@ -37,7 +37,12 @@ class RunError(RuntimeError):
 
 
 def run(scenario: Scenario, policy: str, *, seed: int | None = None, keep_series: bool = True) -> dict[str, Any]:
-    """Migrates the scenario's guest under `policy`; returns the measured result."""
+    """Migrates the scenario's guest under `policy`; returns the measured result. A scenario
+    with `engine = "sim"` runs on the virtual-time engine instead (same result schema)."""
+    if scenario.engine == "sim":
+        from dqmig.sim import run as sim_run
+
+        return sim_run.run(scenario, policy, seed=seed, keep_series=keep_series)
     seed = scenario.seed if seed is None else seed
     params = scenario.migration_parameters(policy)
     host = results.host_snapshot()  # the baseline and the migration both count
@@ -59,6 +64,7 @@ def run(scenario: Scenario, policy: str, *, seed: int | None = None, keep_series
     finally:
         dest.kill()
     result = _result(scenario, policy, seed, vm, m, baseline, before)
+    result["engine"] = "emu"
     result["destination"] = _destination(dest_report)
     result["host"] = results.host_usage(host, results.host_snapshot())
     if keep_series:
@@ -85,8 +91,9 @@ class GuestClock:
     halt_ns: list[int]
 
     @classmethod
-    def read(cls, vm: VM) -> GuestClock:
-        t, c = time.monotonic(), vm.counters()
+    def read(cls, vm: Any) -> GuestClock:
+        """`vm`: an engine.Host with counters() (the emulator's VM or the simulator's)."""
+        t, c = vm.clock(), vm.counters()
         return cls(t, *([w[k] for w in c] for k in ("progress", "cpu_ns", "sleep_ns", "halt_ns")))
 
     @classmethod
@@ -143,8 +150,8 @@ def _result(
     scenario: Scenario,
     policy: str,
     seed: int,
-    vm: VM,
-    m: Migration,
+    vm: Any,
+    m: Any,
     baseline: list[metrics.Pace],
     before: GuestClock,
 ) -> dict[str, Any]:
@@ -186,7 +193,7 @@ def _end_sample(m: Migration) -> dict[str, Any]:
     return m.samples[-1]
 
 
-def _vcpus(vm: VM, m: Migration, baseline: list[metrics.Pace], before: GuestClock) -> list[dict[str, Any]]:
+def _vcpus(vm: Any, m: Any, baseline: list[metrics.Pace], before: GuestClock) -> list[dict[str, Any]]:
     during = before.paces(GuestClock.of_sample(_end_sample(m)))
     names, classes, programs = vm.writer_names(), vm.writer_classes(), vm.writer_programs()
     counters = vm.counters()
@@ -214,7 +221,7 @@ def _vcpus(vm: VM, m: Migration, baseline: list[metrics.Pace], before: GuestCloc
     return out
 
 
-def _peak_throttle(m: Migration) -> float:
+def _peak_throttle(m: Any) -> float:
     """Largest share (%) of any 1 s of the migration that one vCPU spent in throttle sleeps.
 
     From the migration's samples, whose sleep counters include a sleep the switchover cut
@@ -257,7 +264,7 @@ def _guest_series(samples: list[Sample], offset: float, total_time: float) -> di
     }
 
 
-def _migration_series(m: Migration) -> dict[str, Any]:
+def _migration_series(m: Any) -> dict[str, Any]:
     """query-migrate over time plus each policy's telemetry, one list per field."""
     cols: dict[str, list[Any]] = {
         k: []

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dqmig import policies
-from dqmig.migration.params import CAPABILITIES, PARAMS, MigrationParameters, value_of
+from dqmig.migration.params import CAPABILITIES, PARAMS, MigrationParameters, parse_bandwidth, value_of
 from dqmig.programs import PRESETS, guest_programs, parse_program
 from dqmig.units import MiB, parse_size
 from dqmig.vm import VmConfig
@@ -30,9 +30,11 @@ from dqmig.vm import VmConfig
 DEFAULT_POLICIES = ("none", "auto-converge", "dirty-limit", "dirty-quota")
 SCENARIO_DIR = "scenarios"  # inside this package
 
-TOP_KEYS = ("name", "description", "policies", "guest", "network", "migration", "policy", "run")
+TOP_KEYS = ("name", "description", "engine", "policies", "guest", "network", "migration", "policy", "run")
+ENGINES = ("emu", "sim")  # the emulator (real vCPU threads, TCP) or the virtual-time simulator
 GUEST_KEYS = ("vcpus", "memory", "page-size", "dirty-ring", "pml", "workload", "writer-rate", "programs", "dma")
-NETWORK_KEYS = ("max-bandwidth", "multifd", "multifd-channels")
+NETWORK_KEYS = ("max-bandwidth", "multifd", "multifd-channels", "link", "latency")
+LINK_KEYS = ("link", "latency")  # the simulator's link model: capacity (bytes/s) and one-way ms
 RUN_KEYS = ("seed", "warmup", "baseline", "after")
 PARAM_SECTIONS = ("network", "migration", "policy")  # sections holding QEMU parameters
 
@@ -67,6 +69,9 @@ class Scenario:
     baseline: float  # s of progress measured without migration
     after: float  # s the destination runs the migrated guest
     source: str = field(default="scenario", compare=False)  # where it came from, for messages
+    engine: str = "emu"  # which engine runs it: emu (the emulator) or sim (virtual time)
+    link: int | None = None  # sim: link capacity in bytes/s (None: 1 Gbit/s)
+    latency: float = 0.0  # sim: one-way latency in ms
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML layout, with every value explicit (defaults filled in)."""
@@ -190,6 +195,10 @@ class _Parser:
         parameters, multifd = self.parameters()
         seed = self.integer("run.seed", run.get("seed", 0), 0)
         names = self.policy_names()
+        engine = self.string("engine", self.data.get("engine", "emu"))
+        if engine not in ENGINES:
+            raise self.error("engine", f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+        link, latency = self.link()
         scenario = Scenario(
             name=name,
             description=description,
@@ -202,6 +211,9 @@ class _Parser:
             baseline=self.number("run.baseline", run.get("baseline", 2.0), 0.1),
             after=self.number("run.after", run.get("after", 0.5), 0),
             source=self.source,
+            engine=engine,
+            link=link,
+            latency=latency,
         )
         self.check_guest(scenario)
         scenario.check_policies(names)
@@ -287,9 +299,24 @@ class _Parser:
         except ValueError as e:
             raise self.error("guest", str(e)) from None
 
+    def link(self) -> tuple[int | None, float]:
+        """network.link (a bandwidth: '640MB', '10Gbit', bytes/s) and network.latency (ms)."""
+        network = self.table("network", NETWORK_KEYS)
+        link = network.get("link")
+        if link is not None:
+            try:
+                link = parse_bandwidth(link if isinstance(link, str | int) and not isinstance(link, bool) else "?")
+            except ValueError as e:
+                raise self.error("network.link", str(e)) from None
+            if link <= 0:
+                raise self.error("network.link", f"must be > 0 bytes/s, not {link}")
+        return link, self.number("network.latency", network.get("latency", 0.0), 0)
+
     def parameters(self) -> tuple[dict[str, Any], bool]:
         """QEMU parameters from [network], [migration] and [policy]; the multifd capability."""
         network = self.table("network", NETWORK_KEYS)
+        for key in LINK_KEYS:
+            network.pop(key, None)
         multifd = network.pop("multifd", False)
         if not isinstance(multifd, bool):
             raise self.error("network.multifd", f"must be true or false, not {_show(multifd)}")
@@ -387,10 +414,15 @@ def canonical(s: Scenario) -> dict[str, Any]:
         guest["dma"] = g.dma
     network = {k: v for k, v in s.parameters.items() if k in NETWORK_KEYS}
     network["multifd"] = s.multifd
+    if s.link is not None:
+        network["link"] = s.link
+    if s.latency:
+        network["latency"] = s.latency
     migration = {k: v for k, v in s.parameters.items() if k not in NETWORK_KEYS}
     return {
         "name": s.name,
         "description": s.description,
+        "engine": s.engine,
         "policies": list(s.policies),
         "run": {"seed": s.seed, "warmup": s.warmup, "baseline": s.baseline, "after": s.after},
         "guest": guest,

@@ -239,10 +239,9 @@ class PreCopy:
             self._check_cancel()
             self._tick()
             if budget and self._window_bytes >= budget:
-                # Rate-limited: sleep to the window's end (cancel ends it early).
-                left = self._window_start + WINDOW_S - self.clock()
-                if left > 0:
-                    self._wait(left)
+                # Rate-limited: sleep to the window's end (cancel ends it early). Never a
+                # zero wait on a virtual clock: rounding can leave the window just short.
+                self._wait(max(0.0, self._window_start + WINDOW_S - self.clock()))
                 continue
             limit = self._chunk_pages() * self._channel_count
             if budget:
