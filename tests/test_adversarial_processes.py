@@ -51,7 +51,21 @@ class Destination:
         self.out = self.err = ""
 
     def signal(self, sig: int) -> None:
+        """Sends `sig` and waits until it has taken effect (signals arrive asynchronously:
+        without the wait the source could send its last records to a process still running)."""
         os.kill(self.proc.pid, sig)
+        end = time.monotonic() + 10
+        while not self._took(sig):
+            assert time.monotonic() < end, f"signal {sig} did not take effect"
+            time.sleep(0.001)
+
+    def _took(self, sig: int) -> bool:
+        if sig == signal.SIGKILL:
+            return self.proc.poll() is not None
+        if sig == signal.SIGSTOP:
+            state = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            return state in ("T", "t")
+        return True
 
     def finish(self, timeout: float = RUN_S) -> int:
         self.out, self.err = self.proc.communicate(timeout=timeout)

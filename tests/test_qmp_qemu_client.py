@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -295,7 +296,8 @@ def test_incoming_qmp_defer_and_the_destination_states(sock_path, tmp_path):
         text=True,
     )
     try:
-        assert "migrate-incoming" in dst.stdout.readline()  # type: ignore[union-attr]
+        ready, _, _ = select.select([dst.stdout], [], [], T)  # never an unbounded wait
+        assert ready and "migrate-incoming" in dst.stdout.readline()  # type: ignore[union-attr]
         mon = QEMUMonitorProtocol(sock_path)
         mon.settimeout(T)
         _connect_retrying(mon)

@@ -473,7 +473,14 @@ def _incoming_qmp(args: argparse.Namespace) -> int:
                 print(f"dqmig incoming: failed: {monitor.error}", file=sys.stderr)
                 return 1
             if monitor.result is None or monitor.result.vm is None:
-                print("dqmig incoming: ended before a migration arrived", file=sys.stderr)
+                if monitor.status in ("none", "setup") and monitor.result is None:
+                    print("dqmig incoming: ended before a migration arrived", file=sys.stderr)
+                else:  # quit mid-way, as QEMU's quit: the half-received guest is discarded
+                    print(
+                        f"dqmig incoming: quit during the incoming migration ({monitor.status}): "
+                        "the guest is discarded here",
+                        file=sys.stderr,
+                    )
                 return 0 if monitor.quit_requested.is_set() else 1
 
             def until_quit() -> None:

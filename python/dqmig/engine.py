@@ -72,6 +72,10 @@ class ExitHandler(Protocol):
 
 
 class Timer(Protocol):
+    @property
+    def alive(self) -> bool:
+        """Whether it still fires (a tick that raised ends the emulator's timer thread)."""
+
     def stop(self) -> None: ...
 
 

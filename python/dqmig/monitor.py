@@ -240,7 +240,7 @@ class Monitor(_Common):
         m = self.migration
         if m is not None and m.status == "completed":
             status = "postmigrate"
-        elif m is not None and m.status == "device":
+        elif self._switching_over():
             status = "finish-migrate"
         elif self.vm.running:
             status = "running"
@@ -263,12 +263,10 @@ class Monitor(_Common):
             m = self.migration
             if m is not None and m.status == "completed":
                 raise QmpError("Migration is complete: the guest runs on the destination; cannot cont")
-            if m is not None and m.outcome_unknown and args.get("x-override-split-brain-check") is not True:
-                raise QmpError(
-                    "The switchover's outcome is unknown: the destination may be running this guest, and "
-                    "running it here too would run it twice. Check the destination; to resume here anyway, "
-                    "cont with x-override-split-brain-check: true"
-                )
+            if self.vm.switchover_unknown:
+                if args.get("x-override-split-brain-check") is not True:
+                    raise QmpError(SPLIT_BRAIN + "to resume here anyway, cont with x-override-split-brain-check: true")
+                self.vm.switchover_unknown = False  # the operator has decided: this copy is the guest
             self.vm.resume()
         return {}
 
@@ -277,8 +275,14 @@ class Monitor(_Common):
         switchover's stop of the vCPUs."""
         return self.migration.run_state_lock if self.migration is not None else contextlib.nullcontext()
 
+    def _switching_over(self) -> bool:
+        """From the switchover's stop of the vCPUs until the migration has ended (a cancel
+        meanwhile included: the vCPUs stay stopped until it has)."""
+        m = self.migration
+        return m is not None and m.active and m.t_stop is not None
+
     def _refuse_during_switchover(self, command: str) -> None:
-        if self.migration is not None and self.migration.status == "device":
+        if self._switching_over():
             raise QmpError(f"The migration is switching over: {command} is refused until it has failed or completed")
 
     def migrate_set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -309,6 +313,11 @@ class Monitor(_Common):
                 raise QmpError("There's a migration process in progress")
             if self.migration is not None and self.migration.status == "completed":
                 raise QmpError("The guest has already migrated")
+            if self.vm.switchover_unknown:
+                raise QmpError(SPLIT_BRAIN + "migrating this copy could run the guest in a third place")
+            rate = self._dirty_rate
+            if rate is not None and rate["status"] == "measuring" and rate["mode"] != "page-sampling":
+                raise QmpError(f"calc-dirty-rate (mode {rate['mode']}) is using the dirty log: migrate when it ends")
             if self.closing:
                 raise QmpError("dqmig is shutting down: no new migration")
             try:
@@ -360,12 +369,21 @@ class Monitor(_Common):
                 raise QmpError(f"sample-pages is out of range[{MIN_SAMPLE_PAGES}, {MAX_SAMPLE_PAGES}].")
         if (mode == "dirty-ring") != bool(self.vm.guest.dirty_ring) and mode != "page-sampling":
             raise QmpError(f"mode {mode} is not enabled, use other method instead.")
+        with self._migrate_lock:  # a migrate never starts between this check and the start
+            self._start_dirty_rate(mode, ms, unit, args["calc-time"], sample_pages)
+        return {}
+
+    def _start_dirty_rate(self, mode: str, ms: int, unit: str, calc_time: int, sample_pages: int) -> None:
         if self._dirty_rate is not None and self._dirty_rate["status"] == "measuring":
             raise QmpError("the dirty rate is already being measured.")
+        if mode != "page-sampling" and self.migrating:
+            # QEMU gives each dirty-log client its own bitmap; dqmig's guest has one log, and
+            # a migration owns it until it ends.
+            raise QmpError(f"mode {mode} needs the dirty log, which the running migration owns: use page-sampling")
         info: dict[str, Any] = {
             "status": "measuring",
             "start-time": int(time.time()),
-            "calc-time": args["calc-time"],
+            "calc-time": calc_time,
             "calc-time-unit": unit,
             "sample-pages": sample_pages if mode == "page-sampling" else 0,
             "mode": mode,
@@ -388,7 +406,6 @@ class Monitor(_Common):
             info["status"] = "measured"
 
         threading.Thread(target=measure, name="mig/dirtyrate", daemon=True).start()
-        return {}
 
     def query_dirty_rate(self, args: dict[str, Any]) -> dict[str, Any]:
         """query-dirty-rate (DirtyRateInfo): `dirty-rate` once measured."""
@@ -457,6 +474,12 @@ class Monitor(_Common):
         return {}
 
 
+SPLIT_BRAIN = (
+    "The last switchover's outcome is unknown: the destination may be running this guest, and "
+    "running it here too would run it twice. Check the destination; "
+)
+
+
 # -- query-migrate, as QEMU 10.0 fills it (migration/migration.c) -------------------------------
 
 ACTIVE_STATUSES = ("active", "cancelling")  # populate_time_info and populate_ram_info
@@ -494,7 +517,9 @@ def qmp_migration_info(m: Migration) -> dict[str, Any]:
         for key in ("dirty-limit-throttle-time-per-round", "dirty-limit-ring-full-time"):
             if key in internal:
                 out[key] = internal[key]
-    if "error-desc" in internal:
+    # qmp_migrate_cancel sets no error (migration_cancel(NULL)): a cancelled migration has
+    # no error-desc in QEMU; dqmig's reason for it stays under x-dqmig.
+    if "error-desc" in internal and status != "cancelled":
         out["error-desc"] = internal["error-desc"]
     if status != "setup":
         extra = {k: v for k, v in internal.items() if k not in out and k != "cpu-throttle-percentage"}

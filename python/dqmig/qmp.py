@@ -207,8 +207,8 @@ class QmpServer:
         self._thread.join(POLL_S * 4)
         with self._lock:
             connections = list(self._connections)
-        for c in connections:
-            c.close()
+        # Each reader ends its connection itself once it sees `stopping` (within POLL_S):
+        # a reply it is still queuing (quit's, say) goes out before the end, never after.
         for c in connections:
             c.reader.join(POLL_S * 2 + SEND_TIMEOUT_S)
         self.sock.close()

@@ -104,12 +104,16 @@ class JsonStream:
         self._out.append(parse(tokens))
 
     def _lex_error(self, text: bytes) -> None:
-        """A stray byte: the streamer drops what it had (unless inside an over-limit input,
-        which is dropped whole anyway), the lexer goes to recovery."""
+        """A stray byte: the streamer drops what it had, the lexer goes to recovery. Inside
+        an over-limit input (already refused) that input ends here: its depth can no longer
+        be trusted to find its end, and waiting for it could swallow every later command."""
         self._state = RECOVERY
         self._tok = bytearray()
-        if not self._discarding:
-            self._emit_error(f"JSON parse error, stray '{text.decode('utf-8', 'replace')}'")
+        if self._discarding:
+            self._discarding = False
+            self._reset()
+            return
+        self._emit_error(f"JSON parse error, stray '{text.decode('utf-8', 'replace')}'")
 
     def _refuse(self, still_open: bool) -> None:
         """The input is over the limit: one error; unless it has just ended, what follows is

@@ -136,6 +136,10 @@ class VM(Writers):
         # Called with False once a pause has stopped a running guest, with True when a resume
         # restarts a paused one: QEMU's STOP and RESUME events.
         self.on_run_state: Callable[[bool], None] | None = None
+        # A migration failed past its point of no return: another copy of this guest may run
+        # on the destination. Until the operator overrides (QMP cont with
+        # x-override-split-brain-check), this copy neither resumes nor migrates again.
+        self.switchover_unknown = False
         n = len(self.all_writers)
         self.sleep_ns = [0] * n  # throttle sleep per writer (vCPUs, then the DMA writer)
         self._sleep_started: list[float | None] = [None] * n  # a sleep in progress counts too

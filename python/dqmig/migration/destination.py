@@ -82,6 +82,7 @@ class Incoming:
         self.listener = channel.listen(uri)
         self.result = IncomingResult()
         self._channels: list[Any] = []
+        self._early: list[socket.socket] = []  # accepted while waiting for the main channel
         self._errors: list[BaseException] = []
         self._count_lock = threading.Lock()
         self.on_handshake: Any = None  # called once the handshake is accepted (QMP: active)
@@ -93,7 +94,10 @@ class Incoming:
 
     def _accept(self, timeout: float | None, what: str = "") -> _native.Channel:
         """The next connection; `what` names it in the timeout's message (default: the
-        migration's main channel)."""
+        migration's main channel). Connections taken while the main channel was awaited
+        come first, in the order they arrived."""
+        if self._early:
+            return channel.wrap(self._early.pop(0), self.io_timeout)
         self.listener.settimeout(timeout)
         try:
             sock, _ = self.listener.accept()
@@ -113,37 +117,70 @@ class Incoming:
             self.listener.close()
             for ch in self._channels:
                 ch.shutdown()
+            for sock in self._early:  # connected early, never used
+                sock.close()
 
     def _accept_main(self) -> tuple[_native.Channel, bytes]:
         """The migration's main channel and its handshake record: from the first connection
-        that sends a whole record within HANDSHAKE_WAIT_S (and its record deadline). One that
-        stays silent, trickles, or closes first is dropped and the listener goes on waiting
-        (until accept_timeout), so an idle or slow client cannot take the only slot."""
+        that sends a whole record within HANDSHAKE_WAIT_S of connecting (and its record
+        deadline). Silent connections wait side by side, so several cannot queue the real
+        migration behind them; one that stays silent, trickles, or closes first is dropped
+        and the listener goes on waiting (until accept_timeout)."""
         end = None if self.accept_timeout is None else time.monotonic() + self.accept_timeout
-        while True:
-            left = None if end is None else max(0.0, end - time.monotonic())
-            self.listener.settimeout(left)
-            try:
-                sock, peer = self.listener.accept()
-            except TimeoutError:
-                raise IncomingError(f"no migration arrived on {self.address} in time") from None
-            wait = HANDSHAKE_WAIT_S if left is None else min(HANDSHAKE_WAIT_S, left)
-            if select.select([sock], [], [], wait)[0]:
-                main = channel.wrap(sock, max(min(wait, self.io_timeout), POLL_FLOOR_S))
-                self._channels.append(main)  # shut down by run() if the handshake is bad
-                try:
-                    t, payload, _ = main.receive(None)
-                except (_native.StreamTimeout, _native.StreamClosed):
-                    self._channels.remove(main)
-                    main.shutdown()
-                else:
-                    if REC_NAME.get(t) != "Handshake":
-                        raise IncomingError(f"expected a handshake, got record type {t}")
-                    main.set_timeout(self.io_timeout)
-                    return main, payload
-            else:
-                sock.close()
-            self.result.idle_connections.append(f"{peer[0]}:{peer[1]}")
+        pending: dict[socket.socket, tuple[float, str]] = {}  # connected, silent: deadline, peer
+        try:
+            while True:
+                now = time.monotonic()
+                for sock, (deadline, peer) in list(pending.items()):
+                    if deadline <= now:
+                        self._drop(pending, sock, peer)
+                if end is not None and now >= end:
+                    raise IncomingError(f"no migration arrived on {self.address} in time")
+                waits = [d for d, _ in pending.values()] + ([end] if end is not None else [])
+                timeout = max(POLL_FLOOR_S, min(waits) - now) if waits else None
+                ready = select.select([self.listener, *pending], [], [], timeout)[0]
+                if self.listener in ready:
+                    self._accept_pending(pending, end)
+                for sock in (r for r in ready if r is not self.listener):
+                    deadline, peer = pending.pop(sock)
+                    got = self._receive_handshake(sock, deadline)
+                    if got is not None:
+                        return got
+                    self.result.idle_connections.append(peer)
+        finally:
+            # Still silent when the main channel arrived: they may be its page channels,
+            # connected early; the page channels' accept takes them first.
+            self._early = list(pending)
+
+    def _accept_pending(self, pending: dict[socket.socket, tuple[float, str]], end: float | None) -> None:
+        self.listener.settimeout(POLL_FLOOR_S)  # select said one is there; never block long
+        try:
+            sock, addr = self.listener.accept()
+        except (BlockingIOError, TimeoutError):
+            return  # it went away before we took it
+        deadline = time.monotonic() + HANDSHAKE_WAIT_S
+        pending[sock] = (deadline if end is None else min(deadline, end), f"{addr[0]}:{addr[1]}")
+
+    def _drop(self, pending: dict[socket.socket, tuple[float, str]], sock: socket.socket, peer: str) -> None:
+        del pending[sock]
+        sock.close()
+        self.result.idle_connections.append(peer)
+
+    def _receive_handshake(self, sock: socket.socket, deadline: float) -> tuple[_native.Channel, bytes] | None:
+        """The first record of a connection that has started talking, within what is left
+        of its wait (and the record deadline); None if it trickles or closes first."""
+        main = channel.wrap(sock, max(min(deadline - time.monotonic(), self.io_timeout), POLL_FLOOR_S))
+        self._channels.append(main)  # shut down by run() if the handshake is bad
+        try:
+            t, payload, _ = main.receive(None)
+        except (_native.StreamTimeout, _native.StreamClosed):
+            self._channels.remove(main)
+            main.shutdown()
+            return None
+        if REC_NAME.get(t) != "Handshake":
+            raise IncomingError(f"expected a handshake, got record type {t}")
+        main.set_timeout(self.io_timeout)
+        return main, payload
 
     def _run(self) -> IncomingResult:
         main, payload = self._accept_main()

@@ -155,6 +155,7 @@ class Migration(PreCopy):
         run the guest: the source never resumes by itself. It stays paused and says the
         outcome is unknown; QMP `cont` refuses to run it (see Monitor.cont)."""
         self.outcome_unknown = True
+        self.vm.switchover_unknown = True  # for every later attempt and monitor too
         self._paused_by_us = False  # so _fail leaves the guest paused
         self._fail(
             "failed",

@@ -125,8 +125,9 @@ class DirtyLimiter:
 
     def _ensure_running(self) -> None:
         """The controller (QEMU's dirtylimit thread): a round every period on the host's
-        timer (a thread on the emulator, events in virtual time on the simulator)."""
-        if self._timer is None:
+        timer (a thread on the emulator, events in virtual time on the simulator); started
+        again if it has ended (a round that raised ends it)."""
+        if self._timer is None or not self._timer.alive:
             self._last = ([v.dirty_count for v in self.vm.vcpus], self.vm.clock())
             self._timer = self.vm.start_timer(lambda: self.period_ms / 1000, self._round, "dirtylimit")
 

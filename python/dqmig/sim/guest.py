@@ -246,6 +246,10 @@ class SimTimer:
         if not self.stopped:
             self.vm.schedule(self.vm.now + self.period(), self._fire)
 
+    @property
+    def alive(self) -> bool:
+        return not self.stopped
+
     def stop(self) -> None:
         self.stopped = True
 
