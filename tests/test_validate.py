@@ -111,6 +111,10 @@ def test_validate_runs_both_engines_and_writes_the_table(tmp_path):
     assert "## default" in md and "| policy | converged emu/sim | total s |" in md
     text = printed.getvalue()
     assert "auto-converge" in text and "scenario x policy pairs meet every bar" in text
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["validate", "--from", str(out)]) == 0  # judged again from the saved runs
+    again = json.loads((out / "validation.json").read_text())
+    assert again["scenarios"] == doc["scenarios"]
 
 
 def test_validate_refuses_an_engine(capsys):

@@ -192,6 +192,13 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
         "scenarios", nargs="*", metavar="SCENARIO", help="TOML files or built-in names (default: all built-in)"
     )
     p.add_argument("--repeat", type=_positive_int, default=3, metavar="N", help="emulator runs per policy (default 3)")
+    p.add_argument(
+        "--from",
+        dest="saved",
+        type=Path,
+        metavar="DIR",
+        help="judge the runs saved in a validate directory again (validation.md, validation.json), run nothing",
+    )
     _add_common(p, "each scenario's `policies`")
     p.set_defaults(func=cmd_validate)
 
@@ -199,6 +206,10 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     if args.engine:
         raise ScenarioError("validate runs both engines; --engine does not apply")
+    if args.saved:
+        doc = validate.rebuild(args.saved, sys.argv[1:])
+        print(validate.text(doc))
+        return 0
     names = args.scenarios or scenario.builtin_names()
     scenarios = [_scenario(n, args.set) for n in names]
     out = _out_dir(args, "validate")

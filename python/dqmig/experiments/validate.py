@@ -13,7 +13,8 @@ value, with a verdict against the issue's bars:
 
 Downtime, peak throttle and per-class slowdown are shown without a bar. The output
 directory holds each scenario's compare documents (`<name>/emu.json`, `<name>/sim.json`:
-`dqmig report` draws them), `validation.json` (the comparisons) and `validation.md`.
+`dqmig report` draws them), `validation.json` (the comparisons) and `validation.md`;
+`dqmig validate --from DIR` judges saved runs again (`rebuild`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,19 @@ def run(
     return doc
 
 
+def rebuild(out: Path, argv: list[str]) -> dict[str, Any]:
+    """The validation document again from a directory's saved runs (`<name>/emu.json` and
+    `sim.json`), judged by today's bars, without rerunning anything."""
+    old = json.loads((out / "validation.json").read_text())
+    doc = {**old, "command": ["dqmig", *argv], "scenarios": []}
+    for entry in old["scenarios"]:
+        emu, sim = (results.load(out / entry["name"] / f"{engine}.json") for engine in ("emu", "sim"))
+        policies = compare_runs(emu["runs"], sim["runs"])
+        doc["scenarios"].append({**entry, "policies": policies})
+    write(doc, out)
+    return doc
+
+
 # -- the comparison ------------------------------------------------------------------------------
 
 
@@ -97,16 +111,17 @@ def figures(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def throttle_steps(run: dict[str, Any]) -> list[list[int]] | None:
-    """[dirty-sync-count, cpu-throttle-percentage] at each change of the percentage, from the
-    migration series (the setup sync is count 1, each "sync" sample adds one); None without
-    a series or a percentage."""
+    """[dirty-sync-count, cpu-throttle-percentage] at each change of the percentage (auto-
+    converge changes it in on_sync, before that sync's sample), from the migration series
+    (the setup sync is count 1, each "sync" sample adds one); None without a series or a
+    percentage."""
     series = (run.get("series") or {}).get("migration")
     if not series:
         return None
     steps, count, last = [], 1, 0
     for event, pct in zip(series["event"], series["cpu-throttle-percentage"], strict=True):
         count += event == "sync"
-        if pct is not None and pct != last:
+        if pct and pct != last:  # 0 or none: the policy off at the end, not a step
             steps.append([count, pct])
             last = pct
     return steps if steps or run["policy"] == "auto-converge" else None
@@ -191,6 +206,7 @@ HEADERS = [
     "writers slowdown %",
     "readers slowdown %",
     "throttle steps",
+    "emu load 1m",
     "verdict",
 ]
 
@@ -234,15 +250,21 @@ def table(entry: dict[str, Any]) -> tables.Table:
                 _cell(f.get("slowdown-writer", empty), s.get("slowdown-writer"), tables.percent),
                 _cell(f.get("slowdown-reader", empty), s.get("slowdown-reader"), tables.percent),
                 _steps(row),
+                _load_range(row["emu"]["load"]),
                 _verdict(row),
             ]
         )
     return tables.Table(HEADERS, rows, title=f"{entry['name']}: {entry['description']}")
 
 
+def _load_range(loads: list[list[float] | None]) -> str:
+    """The 1-minute load averages at the runs' starts, min..max."""
+    ones = [load[0] for load in loads if load]
+    return "-" if not ones else f"{min(ones):.1f}..{max(ones):.1f}"
+
+
 def _loads(doc: dict[str, Any]) -> str:
-    loads = [load[0] for e in doc["scenarios"] for p in e["policies"] for load in p["emu"]["load"] if load]
-    return "-" if not loads else f"{min(loads):.2f}..{max(loads):.2f}"
+    return _load_range([load for e in doc["scenarios"] for p in e["policies"] for load in p["emu"]["load"]])
 
 
 def summary(doc: dict[str, Any]) -> str:
@@ -282,4 +304,4 @@ def write(doc: dict[str, Any], out: Path) -> None:
     (out / "validation.md").write_text(markdown(doc))
 
 
-__all__ = ["compare_runs", "run", "text", "throttle_steps", "verdict", "within", "write"]
+__all__ = ["compare_runs", "rebuild", "run", "text", "throttle_steps", "verdict", "within", "write"]
