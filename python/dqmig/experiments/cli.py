@@ -1,4 +1,4 @@
-"""The `compare`, `sweep` and `report` subcommands. `dqmig.cli.build_parser` calls
+"""The `compare`, `sweep`, `validate` and `report` subcommands. `dqmig.cli.build_parser` calls
 `add_parsers(sub)` with its subparsers."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dqmig import policies
-from dqmig.experiments import compare, results, scenario, sweep
+from dqmig.experiments import compare, results, scenario, sweep, validate
 from dqmig.experiments.scenario import Scenario, ScenarioError
 from dqmig.outputs import check_dir
 
@@ -18,6 +18,7 @@ from dqmig.outputs import check_dir
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_compare(sub)
     _add_sweep(sub)
+    _add_validate(sub)
     _add_report(sub)
 
 
@@ -170,6 +171,52 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = _out_dir(args, f"sweep-{kind.name}")
     doc = sweep.run(s, kind, values, names, args.repeat, argv=sys.argv[1:], progress=not args.quiet, on_run=_saver(out))
     return _finish(doc, out)
+
+
+# -- validate ------------------------------------------------------------------------------------
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="run scenarios on both engines and check the simulator against the emulator",
+        description="Cross-validation (issue 12): each scenario under each policy, --repeat times on the "
+        "emulator and once on the simulator (same scenario and seed); per policy the emulator's median "
+        "[min..max] beside the simulator's value (converged, total time, iterations, downtime, MiB sent, "
+        "peak throttle, slowdown per class) and a verdict: same convergence verdict; total time, bytes "
+        "sent and iterations within 15 % (or 2 iterations) of the emulator's median; auto-converge's "
+        "throttle steps at the same syncs. Writes validation.json, validation.md and each scenario's "
+        f"compare results. Default: every built-in scenario ({', '.join(scenario.builtin_names())}).",
+    )
+    p.add_argument(
+        "scenarios", nargs="*", metavar="SCENARIO", help="TOML files or built-in names (default: all built-in)"
+    )
+    p.add_argument("--repeat", type=_positive_int, default=3, metavar="N", help="emulator runs per policy (default 3)")
+    p.add_argument(
+        "--from",
+        dest="saved",
+        type=Path,
+        metavar="DIR",
+        help="judge the runs saved in a validate directory again (validation.md, validation.json), run nothing",
+    )
+    _add_common(p, "each scenario's `policies`")
+    p.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    if args.engine:
+        raise ScenarioError("validate runs both engines; --engine does not apply")
+    if args.saved:
+        doc = validate.rebuild(args.saved, sys.argv[1:])
+        print(validate.text(doc))
+        return 0
+    names = args.scenarios or scenario.builtin_names()
+    scenarios = [_scenario(n, args.set) for n in names]
+    out = _out_dir(args, "validate")
+    doc = validate.run(scenarios, args.policies, args.repeat, argv=sys.argv[1:], out=out, progress=not args.quiet)
+    print(validate.text(doc))
+    print(f"\nwritten to {out}/ (validation.md, validation.json, <scenario>/emu.json and sim.json)")
+    return 0
 
 
 # -- report --------------------------------------------------------------------------------------
