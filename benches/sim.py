@@ -3,6 +3,7 @@ ratio and peak memory, each policy in a process of its own.
 
     python benches/sim.py --json            # 512 GiB/32 vCPUs and 1 TiB/256 vCPUs, every policy
     python benches/sim.py --only 512g --policies dirty-quota
+    python benches/sim.py --only 1t --policies dirty-quota --max-time 30   # a sample of a slow case
 
 Bars (issue 12): 512 GiB, 32 vCPUs, 7.2 GB/s of dirtying, 640 MB/s link: < 30 s of wall per
 policy; 1 TiB, 256 vCPUs: < 60 s; peak RSS < 1 GiB.
@@ -26,7 +27,7 @@ POLICIES = ("none", "auto-converge", "dirty-limit", "dirty-quota")
 CAP_S = 3000.0  # virtual seconds: plain pre-copy never converges here
 
 
-def one(case: str, policy: str) -> dict:
+def one(case: str, policy: str, cap_s: float = CAP_S) -> dict:
     from dqmig.experiments import scenario
     from dqmig.sim.run import migrate
 
@@ -38,7 +39,7 @@ def one(case: str, policy: str) -> dict:
             "engine": "sim",
             "guest": {"vcpus": vcpus, "memory": memory, "dirty-ring": 4096, "workload": "uniform", "writer-rate": rate},
             "network": {"max-bandwidth": 0, "link": int(link)},
-            "migration": {"x-max-time": CAP_S},
+            "migration": {"x-max-time": cap_s},
             "run": {"warmup": 1.0, "baseline": 1.0},
         }
     )
@@ -63,16 +64,25 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON document")
     ap.add_argument("--only", choices=sorted(CASES), action="append", help="a case (repeatable; default all)")
     ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument(
+        "--max-time",
+        type=float,
+        default=CAP_S,
+        help=f"x-max-time, virtual s (default {CAP_S:g}; lower to sample a slow case)",
+    )
     ap.add_argument("--one", nargs=2, metavar=("CASE", "POLICY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(*args.one)))
+        print(json.dumps(one(*args.one, cap_s=args.max_time)))
         return 0
     rows = []
     for case in args.only or CASES:
         for policy in args.policies.split(","):
             out = subprocess.run(
-                [sys.executable, __file__, "--one", case, policy], capture_output=True, text=True, check=False
+                [sys.executable, __file__, "--one", case, policy, "--max-time", str(args.max_time)],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             row = (
                 json.loads(out.stdout)

@@ -314,6 +314,7 @@ class SimVM(Writers):
         self.paused = False
         self.timeslice = config.timeslice
         self._wants_timeslices = False
+        self._handling: SimWriter | None = None  # the writer whose event is being handled
         self._build_atoms()
         self.resume()
 
@@ -516,7 +517,11 @@ class SimVM(Writers):
                         self.repredict(other)
 
     def repredict(self, w: SimWriter) -> None:
-        """Schedules `w`'s next event: waking, or its next exit."""
+        """Schedules `w`'s next event: waking, or its next exit. While `w`'s own event is
+        being handled it is predicted once, at the end (`_writer_event`): a prediction made
+        mid-handler would be superseded and only cost a stale heap entry."""
+        if w is self._handling:
+            return
         w.version += 1
         if self.paused or w.state in ("stop", "done"):
             return
@@ -593,20 +598,27 @@ class SimVM(Writers):
     def _writer_event(self, w: SimWriter, version: int) -> None:
         if version != w.version or self.paused:
             return
+        self._handling = w
+        try:
+            self._handle_writer_event(w)
+        finally:
+            self._handling = None
+        self.repredict(w)
+
+    def _handle_writer_event(self, w: SimWriter) -> None:
+        """`w`'s predicted event (woken, or an exit); `_writer_event` predicts its next."""
         if w.state == "sleep":
             self.settle_writer(w)
             w.state = "run"
             w.run_start = self.now
             self._set_running(w, w.step_rate > 0)
-            self.repredict(w)
             return
         if w.state != "run":
             return
         self.settle_writer(w)
         reason = self._reason(w)
         if reason is None:
-            self.repredict(w)  # a prediction that rounding moved: predict again
-            return
+            return  # a prediction that rounding moved: predicted again
         if reason == "DONE":
             w.exits["DONE"] += 1
             self._set_running(w, False)
@@ -623,7 +635,6 @@ class SimVM(Writers):
         if w.state == "run":
             w.run_start = self.now
             self._guard(w)
-        self.repredict(w)
 
     _last_exit: tuple[int, float, int] = (-1, -1.0, 0)
 
