@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -150,10 +152,11 @@ def at_phase(m: Migration, phase: str, act: Any, monkeypatch: pytest.MonkeyPatch
 PHASES = ["active", "iterating", "switchover", "committed"]
 
 
-@pytest.mark.parametrize("phase", PHASES)
-def test_a_destination_killed_at_each_phase(phase, tmp_path, monkeypatch):
-    """SIGKILL: before the commit the source fails and runs on; after it the source stays
-    paused and says the outcome is unknown (the destination died with the guest)."""
+@contextmanager
+def failed_migration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, phase: str, sig: int) -> Iterator[Any]:
+    """Migrates to a real destination, sends it `sig` at `phase`, and yields (destination,
+    source VM, migration, its RunLog, start time) once the migration has failed, within its
+    bounds: a record deadline (IO_S + a batch at 1 MiB/s) or the resume wait."""
     monkeypatch.setattr(channel_module, "IO_TIMEOUT_S", IO_S)
     dst = Destination(tmp_path)
     try:
@@ -161,22 +164,30 @@ def test_a_destination_killed_at_each_phase(phase, tmp_path, monkeypatch):
             log = RunLog(vm)
             m = Migration(vm, dst.uri, MigrationParameters(max_bandwidth=BANDWIDTH, x_max_time=RUN_S))
             m.resume_timeout = RESUME_S
-            at_phase(m, phase, lambda: dst.signal(signal.SIGKILL), monkeypatch)
+            at_phase(m, phase, lambda: dst.signal(sig), monkeypatch)
             t0 = time.monotonic()
             m.start()
             assert m.wait(RUN_S) == "failed", (m.status, m.error_desc)
             assert time.monotonic() - t0 < 10, "bounded"
-            dst.finish()
-            assert dst.proc.returncode == -signal.SIGKILL
-            if phase == "committed":
-                assert m.outcome_unknown and not vm.running, m.error_desc
-                assert "switchover outcome unknown" in (m.error_desc or "")
-            else:
-                assert not m.outcome_unknown and vm.running, m.error_desc
-            assert not dst.ran_the_guest()
-            assert log.ran_after(t0) == (phase != "committed")
+            yield dst, vm, m, log, t0
     finally:
         dst.close()
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_destination_killed_at_each_phase(phase, tmp_path, monkeypatch):
+    """SIGKILL: before the commit the source fails and runs on; after it the source stays
+    paused and says the outcome is unknown (the destination died with the guest)."""
+    with failed_migration(tmp_path, monkeypatch, phase, signal.SIGKILL) as (dst, vm, m, log, t0):
+        dst.finish()
+        assert dst.proc.returncode == -signal.SIGKILL
+        if phase == "committed":
+            assert m.outcome_unknown and not vm.running, m.error_desc
+            assert "switchover outcome unknown" in (m.error_desc or "")
+        else:
+            assert not m.outcome_unknown and vm.running, m.error_desc
+        assert not dst.ran_the_guest()
+        assert log.ran_after(t0) == (phase != "committed")
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -186,35 +197,21 @@ def test_a_destination_stopped_at_each_phase_then_continued(phase, tmp_path, mon
     and runs on, and the continued destination fails. Stopped at the switchover or after the
     commit, the completion record may already be in its socket: then the source stays paused
     (outcome unknown) and the continued destination runs the guest."""
-    monkeypatch.setattr(channel_module, "IO_TIMEOUT_S", IO_S)
-    dst = Destination(tmp_path)
-    try:
-        with source_vm() as vm:
-            log = RunLog(vm)
-            m = Migration(vm, dst.uri, MigrationParameters(max_bandwidth=BANDWIDTH, x_max_time=RUN_S))
-            m.resume_timeout = RESUME_S
-            at_phase(m, phase, lambda: dst.signal(signal.SIGSTOP), monkeypatch)
-            t0 = time.monotonic()
-            m.start()
-            assert m.wait(RUN_S) == "failed", (m.status, m.error_desc)
-            # Bounded: a record deadline (IO_S + a batch at 1 MiB/s) or the resume wait.
-            assert time.monotonic() - t0 < 10, "bounded"
-            committed = m.outcome_unknown
-            dst.signal(signal.SIGCONT)
-            dst.finish()
-            ran_here, ran_there = log.ran_after(t0) and vm.running, dst.ran_the_guest()
-            if committed:
-                # (The destination's "resumed" may still reach the closed socket without an
-                # error: TCP reports the reset only on a later write. The source said why.)
-                assert not ran_here and ran_there, (m.error_desc, dst.err)
-                assert "switchover outcome unknown" in (m.error_desc or "")
-            else:
-                assert ran_here and not ran_there, (m.error_desc, dst.err)
-                assert dst.proc.returncode == 1, dst.err
-            assert ran_here + ran_there == 1
-            if phase == "committed":
-                assert committed, "the completion record was out: only the destination decides"
-            if phase == "active":
-                assert not committed, "the bulk pass is far more than the socket buffers hold"
-    finally:
-        dst.close()
+    with failed_migration(tmp_path, monkeypatch, phase, signal.SIGSTOP) as (dst, vm, m, log, t0):
+        committed = m.outcome_unknown
+        dst.signal(signal.SIGCONT)
+        dst.finish()
+        ran_here, ran_there = log.ran_after(t0) and vm.running, dst.ran_the_guest()
+        if committed:
+            # (The destination's "resumed" may still reach the closed socket without an
+            # error: TCP reports the reset only on a later write. The source said why.)
+            assert not ran_here and ran_there, (m.error_desc, dst.err)
+            assert "switchover outcome unknown" in (m.error_desc or "")
+        else:
+            assert ran_here and not ran_there, (m.error_desc, dst.err)
+            assert dst.proc.returncode == 1, dst.err
+        assert ran_here + ran_there == 1
+        if phase == "committed":
+            assert committed, "the completion record was out: only the destination decides"
+        if phase == "active":
+            assert not committed, "the bulk pass is far more than the socket buffers hold"

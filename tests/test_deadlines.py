@@ -145,12 +145,17 @@ class StallingDestination:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _run(self) -> None:
+    def _take_handshake(self) -> socket.socket:
+        """Accepts the source and reads its handshake record."""
         conn, _ = self.listener.accept()
         self.conn = conn
         conn.settimeout(10)
         header = conn.recv(8, socket.MSG_WAITALL)
         conn.recv(struct.unpack("<I", header[4:])[0], socket.MSG_WAITALL)
+        return conn
+
+    def _run(self) -> None:
+        conn = self._take_handshake()
         conn.sendall(record("HandshakeAck"))
         if self.give_up is not None:
             conn.recv(1 << 16)
@@ -208,11 +213,7 @@ class ScriptedDestination(StallingDestination):
         super().__init__()
 
     def _run(self) -> None:
-        conn, _ = self.listener.accept()
-        self.conn = conn
-        conn.settimeout(10)
-        header = conn.recv(8, socket.MSG_WAITALL)
-        conn.recv(struct.unpack("<I", header[4:])[0], socket.MSG_WAITALL)
+        conn = self._take_handshake()
         conn.sendall(self.reply)
         conn.settimeout(0.2)
         try:
