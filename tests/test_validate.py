@@ -115,8 +115,18 @@ def test_validate_runs_both_engines_and_writes_the_table(tmp_path):
         assert main(["validate", "--from", str(out)]) == 0  # judged again from the saved runs
     again = json.loads((out / "validation.json").read_text())
     assert again["scenarios"] == doc["scenarios"]
+    (out / "default" / "sim.json").unlink()
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["validate", "--from", str(out), "--resimulate", "--quiet"]) == 0  # the sim side only
+    resimulated = json.loads((out / "validation.json").read_text())
+    assert resimulated["scenarios"] == doc["scenarios"], "the simulator is deterministic"
+    assert results.load(out / "default" / "emu.json") == emu, "the emulator's runs are kept"
 
 
-def test_validate_refuses_an_engine(capsys):
-    assert main(["validate", "default", "--engine", "sim"]) != 0
-    assert "both engines" in capsys.readouterr().err
+def test_validate_refuses_an_engine_and_a_resimulation_without_saved_runs(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["validate", "default", "--engine", "sim"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --engine" in capsys.readouterr().err
+    assert main(["validate", "default", "--resimulate"]) != 0
+    assert "--resimulate needs --from" in capsys.readouterr().err

@@ -35,7 +35,7 @@ def _policy_list(text: str) -> list[str]:
     return names
 
 
-def _add_common(p: argparse.ArgumentParser, what: str) -> None:
+def _add_common(p: argparse.ArgumentParser, what: str, *, engine: bool = True) -> None:
     p.add_argument(
         "--policies",
         type=_policy_list,
@@ -52,6 +52,8 @@ def _add_common(p: argparse.ArgumentParser, what: str) -> None:
     )
     p.add_argument("--out", type=Path, metavar="DIR", help="report directory (default ./dqmig-<command>-<time>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if not engine:
+        return
     p.add_argument(
         "--engine",
         choices=scenario.ENGINES,
@@ -199,15 +201,20 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="judge the runs saved in a validate directory again (validation.md, validation.json), run nothing",
     )
-    _add_common(p, "each scenario's `policies`")
+    p.add_argument(
+        "--resimulate",
+        action="store_true",
+        help="with --from: run the simulator's side again (today's model) against the saved emulator runs",
+    )
+    _add_common(p, "each scenario's `policies`", engine=False)
     p.set_defaults(func=cmd_validate)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    if args.engine:
-        raise ScenarioError("validate runs both engines; --engine does not apply")
+    if args.resimulate and not args.saved:
+        raise ScenarioError("--resimulate needs --from DIR (a validate directory with saved emulator runs)")
     if args.saved:
-        doc = validate.rebuild(args.saved, sys.argv[1:])
+        doc = validate.rebuild(args.saved, sys.argv[1:], resimulate=args.resimulate, progress=not args.quiet)
         print(validate.text(doc))
         return 0
     names = args.scenarios or scenario.builtin_names()

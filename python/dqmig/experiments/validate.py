@@ -27,6 +27,7 @@ from typing import Any
 
 from dqmig.experiments import compare, metrics, results, tables
 from dqmig.experiments.scenario import Scenario
+from dqmig.experiments.scenario import parse as parse_scenario
 from dqmig.provenance import commit_facts
 
 SCHEMA = "dqmig-validate/1"
@@ -80,17 +81,46 @@ def run(
     return doc
 
 
-def rebuild(out: Path, argv: list[str]) -> dict[str, Any]:
+def rebuild(out: Path, argv: list[str], *, resimulate: bool = False, progress: bool = True) -> dict[str, Any]:
     """The validation document again from a directory's saved runs (`<name>/emu.json` and
-    `sim.json`), judged by today's bars, without rerunning anything."""
+    `sim.json`), judged by today's bars. With `resimulate`, the simulator's side is run
+    again (today's model, the saved scenario) against the saved emulator runs: the emulator's
+    figures are measurements of a host, the simulator's are a deterministic function of the
+    code, so a model change needs only its own side rerun."""
     old = json.loads((out / "validation.json").read_text())
     doc = {**old, "command": ["dqmig", *argv], "scenarios": []}
-    for entry in old["scenarios"]:
-        emu, sim = (results.load(out / entry["name"] / f"{engine}.json") for engine in ("emu", "sim"))
+    entries = old["scenarios"]
+    if resimulate:
+        doc["git-sim"] = commit_facts()
+        entries = entries + _unjudged(out, {e["name"] for e in entries})
+    for entry in entries:
+        where = out / entry["name"]
+        emu = results.load(where / "emu.json")
+        if resimulate:
+            sim_doc = _simulate(emu, argv, progress)
+            results.save(sim_doc, where / "sim.json")
+        sim = results.load(where / "sim.json")
         policies = compare_runs(emu["runs"], sim["runs"])
         doc["scenarios"].append({**entry, "policies": policies})
     write(doc, out)
     return doc
+
+
+def _unjudged(out: Path, judged: set[str]) -> list[dict[str, Any]]:
+    """Scenarios whose emulator runs were saved but whose simulation never finished."""
+    found = []
+    for path in sorted(out.glob("*/emu.json")):
+        if path.parent.name not in judged:
+            s = results.load(path)["scenario"]
+            found.append({"name": path.parent.name, "description": s.get("description", "")})
+    return found
+
+
+def _simulate(emu: dict[str, Any], argv: list[str], progress: bool) -> dict[str, Any]:
+    """The simulator's compare document for the scenario and policies of saved emulator runs."""
+    s = parse_scenario(emu["scenario"], "saved emu.json").with_value("engine", "sim")
+    names = list(dict.fromkeys(r["policy"] for r in emu["runs"]))
+    return compare.run(s, names, argv=argv, progress=progress, desc=f"validate {s.name} sim")
 
 
 # -- the comparison ------------------------------------------------------------------------------
