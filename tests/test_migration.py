@@ -31,6 +31,7 @@ def writer_config(
     dma: bool = False,
     steps: int = 0,
     vcpus: int = 2,
+    prefill: float = 0.0,
 ) -> VmConfig:
     """Every vCPU (and the DMA writer) writes its own region, rate-limited so pre-copy
     converges; a mix of program kinds and write sizes, so memory holds zero and non-zero
@@ -46,7 +47,7 @@ def writer_config(
     programs = [spec(i, *kinds[i % len(kinds)], rate, steps) for i in range(vcpus)]
     # The DMA writer copies whole pages at a quarter of the rate (and steps: same duration).
     device = spec(vcpus, "sequential", 4096, rate / 4, steps // 4) if dma else None
-    return VmConfig(vcpus=vcpus, memory=memory, dirty_ring=ring, programs=programs, dma=device)
+    return VmConfig(vcpus=vcpus, memory=memory, dirty_ring=ring, programs=programs, dma=device, prefill=prefill)
 
 
 def params(*, multifd: bool = False, channels: int = 3, bandwidth: int = 0, downtime: int = 300) -> MigrationParameters:
@@ -154,6 +155,7 @@ CASES = {
     "dma": dict(dma=True),
     "dma-multifd": dict(dma=True, multifd=True, ring=1024),
     "bandwidth-cap": dict(bandwidth=256 * MiB, rate=8000.0),
+    "prefilled": dict(prefill=0.75),  # memory holds data at boot: sent whole, not as zero pages
 }
 
 

@@ -63,6 +63,56 @@ def test_dirtying_model_matches_the_emulators_programs(kind, params, steps, tole
         assert abs(counted - expected) <= tolerance * expected, (counted, expected)
 
 
+class _Throttle(base.ContinueHandler):
+    """Auto-converge's cycle (cpu_throttle_thread): after each 10 ms timeslice, sleep
+    pct / (1 - pct) of it."""
+
+    wants_timeslices = True
+
+    def __init__(self, pct: float) -> None:
+        self.pct = pct
+
+    def handle_exit(self, vm, vcpu, exit):
+        if exit.reason == "TIMESLICE":
+            vm.throttle_sleep(vcpu, self.pct / (1 - self.pct) * vm.timeslice)
+        else:
+            super().handle_exit(vm, vcpu, exit)
+
+
+@pytest.mark.parametrize(("pct", "pace"), [(0.0, 1.0), (0.3, 1.0), (0.5, 1.0), (0.8, 0.4), (0.99, 0.02)])
+def test_a_rate_limited_writer_catches_up_after_throttle_sleeps(pct, pace):
+    """The emulator's token bucket (rust/src/vcpu.rs, take_token) keeps up to 10 ms of the
+    rate while the vCPU sleeps and spends it flat out on waking: throttled to pct, the writer
+    keeps its rate while a sleep is at most 10 ms (pct <= 50 %), and beyond gets
+    (run + 10 ms) of its rate per cycle of run + sleep."""
+    rate = 8192.0
+    vm = SimVM(VmConfig(vcpus=1, memory=PAGES * 4096, programs=[ProgramSpec("uniform", rate=rate)]), _Throttle(pct))
+    vm.refresh()
+    vm.advance_to(100.0)
+    w = vm.vcpus[0]
+    assert w.progress / (100.0 * rate) == pytest.approx(pace, rel=0.02)
+    assert w.sleep_s / 100.0 == pytest.approx(pct, abs=0.01)
+
+
+def test_prefilled_memory_is_sent_whole_on_both_engines(start_destination):
+    """guest.prefill: the first share of memory holds data at boot. An idle guest's bulk pass
+    then sends exactly those pages as normal pages and the rest as zero pages, on both."""
+    from dqmig.migration.source import Migration
+
+    config = VmConfig(vcpus=1, memory=4 * MiB, prefill=0.25)
+    p = _params("none")
+    with start_destination() as rx, VM(config) as vm:
+        assert not vm.guest.is_zero_page(0) and not vm.guest.is_zero_page(255) and vm.guest.is_zero_page(256)
+        m = Migration(vm, rx.uri, p).start()
+        assert m.wait(30) == "completed", m.error_desc
+        rx.join()
+        assert rx.result.digest == vm.guest.digest()
+    sim = SimMigration(SimVM(config), p, link=64 * MiB)
+    sim.run()
+    assert sim.status == "completed"
+    assert (m.normal, m.duplicate) == (sim.normal, sim.duplicate) == (256, 768)
+
+
 def test_batch_bytes_is_the_emulators_wire_size():
     """stream.rs: a record header and a count per batch, an entry per page, data per normal page."""
     assert batch_bytes(512, 512, 4096) == 16 + 512 * 8 + 512 * 4096

@@ -62,6 +62,13 @@ def _non_negative(kind: type):
     return _number(kind, 0, inclusive=True)
 
 
+def _share(text: str) -> float:
+    value = _non_negative(float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a share from 0 to 1")
+    return value
+
+
 def _add_guest_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("guest")
     g.add_argument("--vcpus", type=_positive(int), default=2, help="vCPUs (default 2)")
@@ -89,6 +96,14 @@ def _add_guest_options(p: argparse.ArgumentParser) -> None:
         "'hot-cold:hot_fraction=0.2', 'stress', 'idle' (repeatable)",
     )
     g.add_argument("--dma", metavar="SPEC", help="add a DMA writer device running SPEC, e.g. 'sequential:rate=5000'")
+    g.add_argument(
+        "--prefill",
+        type=_share,
+        default=0.0,
+        metavar="SHARE",
+        help="share of memory holding data at boot, 0..1 (a guest that has used its memory: "
+        "those pages are sent whole, not as zero pages; default 0)",
+    )
     g.add_argument(
         "--dirty-ring",
         type=_non_negative(int),
@@ -134,6 +149,7 @@ def vm_config(args: argparse.Namespace) -> VmConfig:
         pml=args.pml == "on",
         programs=programs,
         dma=dma,
+        prefill=args.prefill,
     )
 
 

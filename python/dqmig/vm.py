@@ -42,6 +42,13 @@ class VmConfig:
     dma: ProgramSpec | None = None  # a DMA writer device, if any
     timeslice: float = 0.010  # seconds per run() before a TIMESLICE exit
     pml_batch: int = 1  # see Vcpu: emulate PML-batched quota accounting
+    prefill: float = 0.0  # share of memory written before the guest starts (0: all zero pages)
+
+    @property
+    def prefilled_pages(self) -> int:
+        """Pages 0..n hold data at boot: a guest that has used its memory, so pre-copy sends
+        them whole rather than as zero pages (QEMU's save_zero_page finds none there)."""
+        return math.ceil(self.prefill * self.pages)
 
     @property
     def pages(self) -> int:
@@ -75,6 +82,8 @@ class VmConfig:
             raise ValueError(f"memory {self.memory} is not a multiple of the page size {self.page_size}")
         if self.programs and len(self.programs) != self.vcpus:
             raise ValueError(f"{len(self.programs)} programs given for {self.vcpus} vCPUs")
+        if not 0 <= self.prefill <= 1:
+            raise ValueError(f"prefill must be a share of memory from 0 to 1, not {self.prefill}")
         if not (self.timeslice > 0 and math.isfinite(self.timeslice)):
             raise ValueError(f"timeslice must be > 0 s, not {self.timeslice}")
 
@@ -118,6 +127,7 @@ class VM(Writers):
         self.config = config
         if guest is None:
             guest = _native.Guest(config.pages, config.page_size, config.vcpus, config.dirty_ring, config.pml)
+            guest.fill(0, config.prefilled_pages)
         elif (guest.pages, guest.page_size, guest.vcpus, guest.dirty_ring, guest.pml) != (
             config.pages,
             config.page_size,

@@ -141,6 +141,13 @@ impl Guest {
         Ok(self.inner.tracker.mark(p, writer))
     }
 
+    /// Fills pages `first..first + count` with non-zero data, not marked dirty (a guest
+    /// that has used that memory before migrating).
+    fn fill(&self, py: Python<'_>, first: u64, count: u64) -> PyResult<()> {
+        py.detach(|| self.inner.memory.fill(first, count))
+            .map_err(to_py)
+    }
+
     fn is_zero_page(&self, page: u64) -> PyResult<bool> {
         let p = self.inner.memory.check_page(page).map_err(to_py)?;
         Ok(self.inner.memory.is_zero_page(p))

@@ -191,6 +191,24 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Writes pages `first..first + count` with non-zero data, a pattern of each page's
+    /// number: a guest that has used that memory before migrating (its pages are sent
+    /// whole, not as zero pages). Not marked dirty: it is the guest's state at boot.
+    pub fn fill(&self, first: u64, count: u64) -> Result<(), Error> {
+        if count == 0 {
+            return Ok(());
+        }
+        let first = self.check_page(first)?;
+        let last = self.check_page(first as u64 + count - 1)?;
+        for page in first..=last {
+            let seed = (page as u64 + 1).wrapping_mul(crate::program::GOLDEN);
+            for (i, w) in self.page_words(page).iter().enumerate() {
+                w.store((seed ^ ((i as u64) << 1)) | 1, Relaxed);
+            }
+        }
+        Ok(())
+    }
+
     /// For each of `pages` (ascending), true if the kernel has never backed it: neither in
     /// RAM nor in swap, so it reads as zero without being touched. False means unknown.
     /// Reading a never-touched page costs a page fault; this asks the page tables instead.
@@ -330,6 +348,19 @@ impl GuestMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fill_writes_nonzero_distinct_pages_in_range_only() {
+        let m = GuestMemory::new(16, 4096).unwrap();
+        m.fill(2, 5).unwrap();
+        assert!((0..2).chain(7..16).all(|p| m.is_zero_page(p)));
+        assert!((2..7).all(|p| m.page_words(p).iter().all(|w| w.load(Relaxed) != 0)));
+        let digests: std::collections::HashSet<u64> =
+            (2..7).map(|p| m.page_digest(p).unwrap()).collect();
+        assert_eq!(digests.len(), 5, "each page its own data");
+        assert!(m.fill(15, 2).is_err(), "past the end");
+        m.fill(16, 0).unwrap();
+    }
 
     #[test]
     fn new_memory_is_zero_and_sized() {

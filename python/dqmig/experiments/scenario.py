@@ -32,7 +32,18 @@ SCENARIO_DIR = "scenarios"  # inside this package
 
 TOP_KEYS = ("name", "description", "engine", "policies", "guest", "network", "migration", "policy", "run")
 ENGINES = ("emu", "sim")  # the emulator (real vCPU threads, TCP) or the virtual-time simulator
-GUEST_KEYS = ("vcpus", "memory", "page-size", "dirty-ring", "pml", "workload", "writer-rate", "programs", "dma")
+GUEST_KEYS = (
+    "vcpus",
+    "memory",
+    "page-size",
+    "dirty-ring",
+    "pml",
+    "workload",
+    "writer-rate",
+    "programs",
+    "dma",
+    "prefill",
+)
 NETWORK_KEYS = ("max-bandwidth", "multifd", "multifd-channels", "link", "latency")
 LINK_KEYS = ("link", "latency")  # the simulator's link model: capacity (bytes/s) and one-way ms
 RUN_KEYS = ("seed", "warmup", "baseline", "after")
@@ -54,6 +65,7 @@ class Guest:
     writer_rate: float = 16384  # steps/s of the preset's writers; 0 = flat out
     programs: tuple[str, ...] = ()  # program specs overriding the preset, in vCPU order
     dma: str | None = None  # a DMA writer's program spec
+    prefill: float = 0.0  # share of memory written before the guest starts (0: all zero pages)
 
 
 @dataclass(frozen=True)
@@ -245,6 +257,12 @@ class _Parser:
             raise self.error(field, f"must be a finite number >= {lo:g}, not {value}")
         return float(value)
 
+    def fraction(self, field: str, value: Any) -> float:
+        share = self.number(field, value, 0)
+        if share > 1:
+            raise self.error(field, f"must be a share of memory from 0 to 1, not {value}")
+        return share
+
     def size(self, field: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise self.error(field, f"must be a size such as 64M or 4096, not {_show(value)}")
@@ -276,6 +294,7 @@ class _Parser:
             writer_rate=self.number("guest.writer-rate", g.get("writer-rate", Guest.writer_rate), 0),
             programs=tuple(self.string(f"guest.programs[{i}]", p) for i, p in enumerate(programs)),
             dma=None if dma is None else self.string("guest.dma", dma),
+            prefill=self.fraction("guest.prefill", g.get("prefill", Guest.prefill)),
         )
 
     def check_guest(self, s: Scenario) -> None:
@@ -392,6 +411,7 @@ def vm_config(g: Guest, seed: int) -> VmConfig:
         pml=g.pml,
         programs=programs,
         dma=dma,
+        prefill=g.prefill,
     )
 
 
@@ -412,6 +432,8 @@ def canonical(s: Scenario) -> dict[str, Any]:
     }
     if g.dma is not None:
         guest["dma"] = g.dma
+    if g.prefill:
+        guest["prefill"] = g.prefill
     network = {k: v for k, v in s.parameters.items() if k in NETWORK_KEYS}
     network["multifd"] = s.multifd
     if s.link is not None:

@@ -16,7 +16,10 @@ Newly dirtied pages count as each writer's clean-to-dirty transitions (its dirty
 quota and ring), split by the writers' shares of the atom's writes.
 
 A writer progresses at its program's rate (or the flat-out `SPEED` of its kind) while it
-runs, and not while it sleeps in a throttle, is stopped, or has finished. Its exits
+runs, and not while it sleeps in a throttle, is stopped, or has finished. A rate-limited
+writer has the emulator's token bucket: the tokens saved while it did not run (at most
+RATE_BURST_S of its rate) are spent flat out when it runs again, so it catches up after
+sleeps of up to 10 ms. Its exits
 (DIRTY_QUOTA_EXHAUSTED when its counter reaches its quota, DIRTY_RING_FULL when its ring
 reaches KVM's soft limit, TIMESLICE for a policy that wants them, DONE) are predicted in
 closed form (or by bisection) and happen as events at the virtual time they would.
@@ -44,6 +47,7 @@ READ_MOSTLY_COMPUTE = 256  # the compute the read-mostly speed was measured at; 
 RING_RESERVE = 64  # KVM's soft-full reserve
 PML_BUFFER = 512  # Intel PML's buffer, reserved too with PML on
 EPS = 1e-9
+RATE_BURST_S = 0.01  # the emulator's token bucket holds at most this many seconds of a rate
 MAX_EXITS_AT_ONCE = 100_000  # exits of one writer at one instant: a handler that never lets it run
 
 
@@ -167,7 +171,13 @@ class SimWriter:
             speed *= READ_MOSTLY_COMPUTE / max(1.0, spec.params.get("compute", READ_MOSTLY_COMPUTE))
         self.speed = speed
         self.step_rate = 0.0 if spec.kind == "idle" else (min(spec.rate, speed) if spec.rate else speed)
+        self.base_rate = self.step_rate  # step_rate is `speed` during a token burst
         self.cpu_share = self.step_rate / speed if speed else 0.0  # the rest of running time halts
+        self.limited = 0 < self.step_rate < speed  # a rate limit: a token bucket (see `burst`)
+        self.tokens = 0.0  # steps the bucket held when the writer last stopped running
+        self.stopped_at: float | None = None  # when it last stopped running (its bucket refills)
+        self.burst_until = 0.0  # running flat out on saved tokens until then
+        self.due: str | None = None  # the exit its next event was predicted to be, if any
         self.targets: list[tuple[Atom, float]] = []
         self.log_share: dict[Atom, float] = {}
         self.count = 0.0  # clean-to-dirty transitions (float: an expectation)
@@ -358,6 +368,8 @@ class SimVM(Writers):
         for atom in atoms:
             if len(atom.writers) > 1:
                 atom.sequential = False
+            written = min(atom.pages, max(0, self.config.prefilled_pages - atom.start))
+            atom.zero = float(atom.pages - written)
 
     # -- engine.Host
 
@@ -381,8 +393,7 @@ class SimVM(Writers):
         interruptible). Returns the planned sleep."""
         if seconds <= 0 or self.paused:
             return 0.0
-        self.settle_writer(vcpu)
-        self._set_running(vcpu, False)
+        self._halt(vcpu)
         vcpu.state = "sleep"
         vcpu.wake = self.now + seconds
         vcpu.sleep_started = self.now
@@ -490,6 +501,40 @@ class SimVM(Writers):
                 atom.rate = 0.0
         self.repredict_sharing(w)
 
+    def _halt(self, w: SimWriter) -> None:
+        """`w` stops writing (a sleep or a stop): a rate-limited writer's bucket keeps the
+        tokens of a burst cut short and refills from now."""
+        if not w.running:
+            return
+        self.settle_writer(w)
+        self._set_running(w, False)
+        if w.limited:
+            w.tokens = max(0.0, w.burst_until - self.now) * (w.speed - w.base_rate)
+            w.step_rate, w.cpu_share, w.burst_until = w.base_rate, w.base_rate / w.speed, 0.0
+            w.stopped_at = self.now
+
+    def _run(self, w: SimWriter) -> None:
+        """`w` writes again. A rate-limited writer first spends the tokens its bucket saved
+        while it did not run (at most RATE_BURST_S of its rate) flat out, then runs at its
+        rate: the emulator's token bucket (rust/src/vcpu.rs, take_token), which lets a
+        throttled writer catch up after short sleeps."""
+        w.settle(self.now)
+        if w.limited and w.stopped_at is not None:
+            cap = max(1.0, w.base_rate * RATE_BURST_S)
+            tokens = min(cap, w.tokens + (self.now - w.stopped_at) * w.base_rate)
+            w.stopped_at, w.tokens = None, 0.0
+            if tokens > EPS:
+                w.step_rate, w.cpu_share = w.speed, 1.0
+                w.burst_until = self.now + tokens / (w.speed - w.base_rate)
+        self._set_running(w, w.step_rate > 0)
+
+    def _end_burst(self, w: SimWriter) -> None:
+        """The saved tokens are spent: back to the program's rate."""
+        self.settle_writer(w)
+        self._set_running(w, False)
+        w.step_rate, w.cpu_share, w.burst_until = w.base_rate, w.base_rate / w.speed, 0.0
+        self._set_running(w, True)
+
     # -- predictions
 
     def refresh(self) -> None:
@@ -552,14 +597,18 @@ class SimVM(Writers):
         t = math.inf
         if self._wants_timeslices and not w.is_device:
             t = w.run_start + self.timeslice
+        if w.burst_until > self.now:
+            t = min(t, w.burst_until)
         if w.spec.steps and w.step_rate > 0:
             t = min(t, self.now + max(0.0, (w.spec.steps - w.progress) / w.step_rate))
         target = self._target(w)
+        w.due = None
         if target < math.inf and w.running:
             need = target - w.count
-            if need <= EPS:
-                return self.now
-            t = min(t, self.now + self._time_to_gain(w, need, t - self.now))
+            due = self.now if need <= EPS else self.now + self._time_to_gain(w, need, t - self.now)
+            if due <= t:
+                t = due
+                w.due = "DIRTY_QUOTA_EXHAUSTED" if w._quota and target == w._quota else "DIRTY_RING_FULL"
         return t
 
     def _time_to_gain(self, w: SimWriter, need: float, horizon: float) -> float:
@@ -611,14 +660,19 @@ class SimVM(Writers):
             self.settle_writer(w)
             w.state = "run"
             w.run_start = self.now
-            self._set_running(w, w.step_rate > 0)
+            self._run(w)
             return
         if w.state != "run":
             return
         self.settle_writer(w)
-        reason = self._reason(w)
+        if w.burst_until and self.now >= w.burst_until - EPS:
+            self._end_burst(w)
+        # The predicted exit is trusted: at a high rate the count can fall short of the
+        # target by more than rounding allows for, and the time step left to close the gap
+        # would be below the clock's resolution.
+        reason = self._reason(w) or w.due
         if reason is None:
-            return  # a prediction that rounding moved: predicted again
+            return  # woken, or out of its burst: predicted again
         if reason == "DONE":
             w.exits["DONE"] += 1
             self._set_running(w, False)
@@ -668,7 +722,7 @@ class SimVM(Writers):
         self.settle_all()
         for w in self._writers:
             if w.state == "run" or (w.state == "sleep" and w.interruptible):
-                self._set_running(w, False)
+                self._halt(w)
                 w.state = "stop"
             w.version += 1
         self.paused = True  # the sleepers' wake events are ignored: they park instead
@@ -686,7 +740,7 @@ class SimVM(Writers):
             if w.state in ("stop", "run"):
                 w.state = "run"
                 w.run_start = self.now
-                self._set_running(w, w.step_rate > 0)
+                self._run(w)
         self.repredict_all()
 
     def counters(self) -> list[dict[str, Any]]:
