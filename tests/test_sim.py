@@ -113,6 +113,18 @@ def test_prefilled_memory_is_sent_whole_on_both_engines(start_destination):
     assert (m.normal, m.duplicate) == (sim.normal, sim.duplicate) == (256, 768)
 
 
+def test_sim_speeds_set_a_flat_out_vcpus_pace_and_are_checked():
+    programs = [ProgramSpec("read-mostly"), ProgramSpec("uniform", rate=1000.0)]
+    vm = SimVM(VmConfig(vcpus=2, memory=PAGES * 4096, programs=programs, sim_speeds=(123456.0, 0.0)))
+    vm.advance_to(2.0)
+    progress = [c["progress"] for c in vm.counters()]
+    assert progress == [pytest.approx(2 * 123456.0, abs=1), pytest.approx(2 * 1000.0, abs=1)]
+    with pytest.raises(ValueError, match="sim-speeds"):
+        SimVM(VmConfig(vcpus=1, memory=PAGES * 4096, sim_speeds=(1.0, 2.0)))
+    with pytest.raises(scenario.ScenarioError, match="sim-speeds"):
+        scenario.load("default").with_value("guest.sim-speeds", "fast")
+
+
 def test_batch_bytes_is_the_emulators_wire_size():
     """stream.rs: a record header and a count per batch, an entry per page, data per normal page."""
     assert batch_bytes(512, 512, 4096) == 16 + 512 * 8 + 512 * 4096

@@ -121,6 +121,13 @@ def test_validate_runs_both_engines_and_writes_the_table(tmp_path):
     resimulated = json.loads((out / "validation.json").read_text())
     assert resimulated["scenarios"] == doc["scenarios"], "the simulator is deterministic"
     assert results.load(out / "default" / "emu.json") == emu, "the emulator's runs are kept"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["validate", "--from", str(out), "--resimulate", "--calibrate", "--quiet"]) == 0
+    speeds = results.load(out / "default" / "sim.json")["scenario"]["guest"]["sim-speeds"]
+    reader_pace = emu["runs"][0]["vcpus"][1]["baseline-rate"]
+    assert len(speeds) == 2 and speeds[1] == round(reader_pace, 1), "the flat-out reader runs at the emulator's pace"
+    (sim_run,) = results.load(out / "default" / "sim.json")["runs"]
+    assert sim_run["vcpus"][1]["baseline-rate"] == pytest.approx(reader_pace, rel=1e-3)
 
 
 def test_validate_refuses_an_engine_and_a_resimulation_without_saved_runs(capsys):

@@ -43,6 +43,9 @@ class VmConfig:
     timeslice: float = 0.010  # seconds per run() before a TIMESLICE exit
     pml_batch: int = 1  # see Vcpu: emulate PML-batched quota accounting
     prefill: float = 0.0  # share of memory written before the guest starts (0: all zero pages)
+    # The simulator only: each vCPU's flat-out steps/s (0 or absent: its kind's SPEED), e.g.
+    # the paces the emulator measured on a host (`dqmig validate --calibrate`).
+    sim_speeds: tuple[float, ...] = ()
 
     @property
     def prefilled_pages(self) -> int:
@@ -82,6 +85,8 @@ class VmConfig:
             raise ValueError(f"memory {self.memory} is not a multiple of the page size {self.page_size}")
         if self.programs and len(self.programs) != self.vcpus:
             raise ValueError(f"{len(self.programs)} programs given for {self.vcpus} vCPUs")
+        if len(self.sim_speeds) > self.vcpus or not all(s >= 0 and math.isfinite(s) for s in self.sim_speeds):
+            raise ValueError(f"sim-speeds must be at most {self.vcpus} finite steps/s >= 0, not {self.sim_speeds}")
         if not 0 <= self.prefill <= 1:
             raise ValueError(f"prefill must be a share of memory from 0 to 1, not {self.prefill}")
         if not (self.timeslice > 0 and math.isfinite(self.timeslice)):

@@ -206,6 +206,12 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --from: run the simulator's side again (today's model) against the saved emulator runs",
     )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="run the simulator's flat-out vCPUs at the paces the emulator measured (guest.sim-speeds) "
+        "rather than its own table, which assumes a host core per vCPU",
+    )
     _add_common(p, "each scenario's `policies`", engine=False)
     p.set_defaults(func=cmd_validate)
 
@@ -214,13 +220,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.resimulate and not args.saved:
         raise ScenarioError("--resimulate needs --from DIR (a validate directory with saved emulator runs)")
     if args.saved:
-        doc = validate.rebuild(args.saved, sys.argv[1:], resimulate=args.resimulate, progress=not args.quiet)
+        if args.calibrate and not args.resimulate:
+            raise ScenarioError("--calibrate with --from needs --resimulate (it changes the simulator's runs)")
+        doc = validate.rebuild(
+            args.saved, sys.argv[1:], resimulate=args.resimulate, calibrate=args.calibrate, progress=not args.quiet
+        )
         print(validate.text(doc))
         return 0
     names = args.scenarios or scenario.builtin_names()
     scenarios = [_scenario(n, args.set) for n in names]
     out = _out_dir(args, "validate")
-    doc = validate.run(scenarios, args.policies, args.repeat, argv=sys.argv[1:], out=out, progress=not args.quiet)
+    doc = validate.run(
+        scenarios,
+        args.policies,
+        args.repeat,
+        argv=sys.argv[1:],
+        out=out,
+        progress=not args.quiet,
+        calibrate=args.calibrate,
+    )
     print(validate.text(doc))
     print(f"\nwritten to {out}/ (validation.md, validation.json, <scenario>/emu.json and sim.json)")
     return 0

@@ -43,6 +43,7 @@ GUEST_KEYS = (
     "programs",
     "dma",
     "prefill",
+    "sim-speeds",
 )
 NETWORK_KEYS = ("max-bandwidth", "multifd", "multifd-channels", "link", "latency")
 LINK_KEYS = ("link", "latency")  # the simulator's link model: capacity (bytes/s) and one-way ms
@@ -66,6 +67,7 @@ class Guest:
     programs: tuple[str, ...] = ()  # program specs overriding the preset, in vCPU order
     dma: str | None = None  # a DMA writer's program spec
     prefill: float = 0.0  # share of memory written before the guest starts (0: all zero pages)
+    sim_speeds: tuple[float, ...] = ()  # simulator only: flat-out steps/s per vCPU (0: the kind's)
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,11 @@ class _Parser:
             raise self.error(field, f"must be a finite number >= {lo:g}, not {value}")
         return float(value)
 
+    def speeds(self, value: Any) -> tuple[float, ...]:
+        if not isinstance(value, list):
+            raise self.error("guest.sim-speeds", f"must be a list of steps/s per vCPU, not {_show(value)}")
+        return tuple(self.number(f"guest.sim-speeds[{i}]", v, 0) for i, v in enumerate(value))
+
     def fraction(self, field: str, value: Any) -> float:
         share = self.number(field, value, 0)
         if share > 1:
@@ -295,6 +302,7 @@ class _Parser:
             programs=tuple(self.string(f"guest.programs[{i}]", p) for i, p in enumerate(programs)),
             dma=None if dma is None else self.string("guest.dma", dma),
             prefill=self.fraction("guest.prefill", g.get("prefill", Guest.prefill)),
+            sim_speeds=self.speeds(g.get("sim-speeds", [])),
         )
 
     def check_guest(self, s: Scenario) -> None:
@@ -412,6 +420,7 @@ def vm_config(g: Guest, seed: int) -> VmConfig:
         programs=programs,
         dma=dma,
         prefill=g.prefill,
+        sim_speeds=g.sim_speeds,
     )
 
 
@@ -434,6 +443,8 @@ def canonical(s: Scenario) -> dict[str, Any]:
         guest["dma"] = g.dma
     if g.prefill:
         guest["prefill"] = g.prefill
+    if g.sim_speeds:
+        guest["sim-speeds"] = list(g.sim_speeds)
     network = {k: v for k, v in s.parameters.items() if k in NETWORK_KEYS}
     network["multifd"] = s.multifd
     if s.link is not None:

@@ -45,9 +45,11 @@ def run(
     argv: list[str],
     out: Path,
     progress: bool = True,
+    calibrate: bool = False,
 ) -> dict[str, Any]:
     """Runs every scenario on both engines (saving as it goes); returns the validation
-    document."""
+    document. With `calibrate`, the simulator's flat-out vCPUs run at the paces the
+    emulator measured (`calibrated`)."""
     for s in scenarios:  # a policy that cannot run fails before any run starts
         s.check_policies(policies or list(s.policies))
     doc = {
@@ -57,6 +59,7 @@ def run(
         "machine": results.machine_facts(),
         "command": ["dqmig", *argv],
         "repeat": repeat,
+        "calibrate": calibrate,
         "scenarios": [],
     }
     for s in scenarios:
@@ -72,6 +75,8 @@ def run(
             emu_doc["runs"] += [{**r, "repeat": rep} for r in one["runs"]]
             results.save(emu_doc, where / "emu.json")
         sim = s.with_value("engine", "sim")
+        if calibrate:
+            sim = calibrated(sim, emu_doc["runs"])
         sim_doc = compare.run(sim, names, argv=argv, progress=progress, desc=f"validate {s.name} sim")
         results.save(sim_doc, where / "sim.json")
         doc["scenarios"].append(
@@ -81,7 +86,9 @@ def run(
     return doc
 
 
-def rebuild(out: Path, argv: list[str], *, resimulate: bool = False, progress: bool = True) -> dict[str, Any]:
+def rebuild(
+    out: Path, argv: list[str], *, resimulate: bool = False, calibrate: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """The validation document again from a directory's saved runs (`<name>/emu.json` and
     `sim.json`), judged by today's bars. With `resimulate`, the simulator's side is run
     again (today's model, the saved scenario) against the saved emulator runs: the emulator's
@@ -92,12 +99,13 @@ def rebuild(out: Path, argv: list[str], *, resimulate: bool = False, progress: b
     entries = old["scenarios"]
     if resimulate:
         doc["git-sim"] = commit_facts()
+        doc["calibrate"] = calibrate
         entries = entries + _unjudged(out, {e["name"] for e in entries})
     for entry in entries:
         where = out / entry["name"]
         emu = results.load(where / "emu.json")
         if resimulate:
-            sim_doc = _simulate(emu, argv, progress)
+            sim_doc = _simulate(emu, argv, progress, calibrate)
             results.save(sim_doc, where / "sim.json")
         sim = results.load(where / "sim.json")
         policies = compare_runs(emu["runs"], sim["runs"])
@@ -116,11 +124,28 @@ def _unjudged(out: Path, judged: set[str]) -> list[dict[str, Any]]:
     return found
 
 
-def _simulate(emu: dict[str, Any], argv: list[str], progress: bool) -> dict[str, Any]:
+def _simulate(emu: dict[str, Any], argv: list[str], progress: bool, calibrate: bool) -> dict[str, Any]:
     """The simulator's compare document for the scenario and policies of saved emulator runs."""
     s = parse_scenario(emu["scenario"], "saved emu.json").with_value("engine", "sim")
+    if calibrate:
+        s = calibrated(s, emu["runs"])
     names = list(dict.fromkeys(r["policy"] for r in emu["runs"]))
     return compare.run(s, names, argv=argv, progress=progress, desc=f"validate {s.name} sim")
+
+
+def calibrated(s: Scenario, emu_runs: list[dict[str, Any]]) -> Scenario:
+    """`s` with `guest.sim-speeds`: each flat-out vCPU's pace is the median of the emulator's
+    baseline paces for it (steps/s before the migration, over every run). The simulator's own
+    flat-out speeds are one table for a host with a core per vCPU; an emulator that
+    overcommits its host's cores (skewed4: 4 vCPU threads and the migration on 2) runs its
+    flat-out vCPUs several times slower, and they dirty that much less."""
+    programs = s.vm_config().programs
+    speeds = []
+    for i, p in enumerate(programs):
+        paces = [r["vcpus"][i]["baseline-rate"] for r in emu_runs if i < len(r["vcpus"])]
+        flat_out = p.kind != "idle" and not p.rate and paces
+        speeds.append(round(metrics.spread(paces)["median"], 1) if flat_out else 0.0)
+    return s.with_value("guest.sim-speeds", speeds) if any(speeds) else s
 
 
 # -- the comparison ------------------------------------------------------------------------------

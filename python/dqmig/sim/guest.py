@@ -160,15 +160,16 @@ class Atom:
 class SimWriter:
     """A modelled vCPU (or the DMA writer): engine.Writer for the policies."""
 
-    def __init__(self, vm: SimVM, slot: int, spec: ProgramSpec, index: int | None) -> None:
+    def __init__(self, vm: SimVM, slot: int, spec: ProgramSpec, index: int | None, speed: float = 0.0) -> None:
         self.vm = vm
         self.slot = slot
         self._index = index
         self.spec = spec
         self.kind = spec.kind
-        speed = SPEED.get(spec.kind, 0.0)
-        if spec.kind == "read-mostly":
-            speed *= READ_MOSTLY_COMPUTE / max(1.0, spec.params.get("compute", READ_MOSTLY_COMPUTE))
+        if not speed:
+            speed = SPEED.get(spec.kind, 0.0)
+            if spec.kind == "read-mostly":
+                speed *= READ_MOSTLY_COMPUTE / max(1.0, spec.params.get("compute", READ_MOSTLY_COMPUTE))
         self.speed = speed
         self.step_rate = 0.0 if spec.kind == "idle" else (min(spec.rate, speed) if spec.rate else speed)
         self.base_rate = self.step_rate  # step_rate is `speed` during a token burst
@@ -315,7 +316,8 @@ class SimVM(Writers):
         self._seq = 0
         self.guest = SimGuest(self, config)
         self.programs = list(config.programs or [ProgramSpec("idle")] * config.vcpus)
-        self.vcpus = [SimWriter(self, i, p, i) for i, p in enumerate(self.programs)]
+        speeds = list(config.sim_speeds) + [0.0] * (config.vcpus - len(config.sim_speeds))
+        self.vcpus = [SimWriter(self, i, p, i, speeds[i]) for i, p in enumerate(self.programs)]
         self.dma = SimWriter(self, len(self.vcpus), config.dma, None) if config.dma else None
         self._writers = self.vcpus + ([self.dma] if self.dma else [])
         self.handler: ExitHandler = handler or ContinueHandler()
