@@ -174,7 +174,7 @@ class SimWriter:
         self.step_rate = 0.0 if spec.kind == "idle" else (min(spec.rate, speed) if spec.rate else speed)
         self.base_rate = self.step_rate  # step_rate is `speed` during a token burst
         self.cpu_share = self.step_rate / speed if speed else 0.0  # the rest of running time halts
-        self.limited = 0 < self.step_rate < speed  # a rate limit: a token bucket (see `burst`)
+        self.limited = 0 < self.step_rate < speed  # a rate limit: a token bucket (see SimVM._run)
         self.tokens = 0.0  # steps the bucket held when the writer last stopped running
         self.stopped_at: float | None = None  # when it last stopped running (its bucket refills)
         self.burst_until = 0.0  # running flat out on saved tokens until then
