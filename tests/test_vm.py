@@ -451,3 +451,14 @@ def test_the_supported_vcpu_range_is_checked_first_and_1024_vcpus_run():
         assert all(t.is_alive() for t in vm._threads)
         vm.pause()
         assert not vm.running
+
+
+def test_a_prefill_the_host_cannot_hold_is_refused(monkeypatch):
+    """Written pages are backed by RAM: a prefill beyond what the host has is a clear error,
+    not a run the OOM killer ends."""
+    import dqmig.vm as vm_module
+
+    monkeypatch.setattr(vm_module, "_available_ram", lambda: 8 * MiB)
+    with pytest.raises(ValueError, match="prefill 1 writes 16.0 MiB .* only 8.0 MiB available"):
+        VM(VmConfig(vcpus=1, memory=16 * MiB, prefill=1.0))
+    VM(VmConfig(vcpus=1, memory=16 * MiB, prefill=0.25)).stop()  # 4 MiB fits

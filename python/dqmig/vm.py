@@ -16,13 +16,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dqmig import _native
 from dqmig.engine import Clock, ExitHandler
 from dqmig.policies.base import ContinueHandler
 from dqmig.programs import ProgramSpec, classify, preset
-from dqmig.units import MiB
+from dqmig.units import MiB, format_size
 
 # No wait in the VM is unbounded: a thread that does not answer in this long is an error.
 JOIN_TIMEOUT_S = 10.0
@@ -120,6 +121,29 @@ class Writers:
         return self.programs + ([self.config.dma] if self.config.dma else [])
 
 
+def _available_ram() -> int | None:
+    """MemAvailable in bytes (None where /proc/meminfo does not say)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_prefill_fits(config: VmConfig) -> None:
+    """Prefilled pages are backed by RAM (written pages cannot stay unbacked): refuse a
+    prefill the host cannot hold rather than let the kernel's OOM killer decide."""
+    need = config.prefilled_pages * config.page_size
+    free = _available_ram()
+    if free is not None and need > free * 0.9:
+        raise ValueError(
+            f"prefill {config.prefill:g} writes {format_size(need)} of guest memory, but the host has only "
+            f"{format_size(free)} available: lower the prefill or the memory (or use --engine sim)"
+        )
+
+
 class VM(Writers):
     """A running guest. `start()` launches the vCPU threads; `pause()`/`resume()` stop and
     restart them (pause returns once every vCPU is out of run()); `stop()` ends them."""
@@ -131,6 +155,7 @@ class VM(Writers):
         config.validate()
         self.config = config
         if guest is None:
+            _check_prefill_fits(config)
             guest = _native.Guest(config.pages, config.page_size, config.vcpus, config.dirty_ring, config.pml)
             guest.fill(0, config.prefilled_pages)
         elif (guest.pages, guest.page_size, guest.vcpus, guest.dirty_ring, guest.pml) != (
