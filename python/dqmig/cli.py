@@ -16,6 +16,7 @@ from typing import Any
 from dqmig import __version__, dirtyrate, policies, provenance, runtable
 from dqmig.display import Progress
 from dqmig.experiments import cli as experiments_cli
+from dqmig.experiments.cluster import ClusterError
 from dqmig.migration.channel import parse_uri
 from dqmig.migration.destination import Incoming, IncomingError
 from dqmig.migration.local import LocalDestination
@@ -731,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, ConnectionError) as e:
+    except (ValueError, OSError, ConnectionError, ClusterError) as e:
         print(f"dqmig: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -145,6 +145,24 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         "Or --param NAME for any migration parameter by QEMU's name.",
     )
     p.add_argument("kind", nargs="?", choices=sorted(sweep.SWEEPS), metavar="KIND", help="what to sweep")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="finish an interrupted sweep: run only what DIR's runs.jsonl does not hold",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--cluster",
+        metavar="tcp://HOST:8786",
+        help="run every run as a task on this Dask scheduler (pip install 'dqmig[cluster]')",
+    )
+    where.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="run on a local Dask cluster of N worker processes (emulator runs: one worker)",
+    )
     p.add_argument("--param", metavar="NAME", help="sweep this migration parameter (QEMU's name) instead")
     p.add_argument("--values", metavar="V1,V2,...", help="the values (default: the sweep's own)")
     p.add_argument("--scenario", metavar="SCENARIO", help="a TOML file or a built-in name (default)")
@@ -164,6 +182,8 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.resume:
+        return _resume_sweep(args)
     if bool(args.kind) == bool(args.param):
         raise ScenarioError("sweep: give a KIND (e.g. bandwidth) or --param NAME, not both or neither")
     kind = sweep.SWEEPS[args.kind] if args.kind else sweep.param_sweep(args.param)
@@ -171,7 +191,41 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     s = _engine(_scenario(args.scenario, args.set), args)
     names = args.policies or list(kind.policies or s.policies)
     out = _out_dir(args, f"sweep-{kind.name}")
-    doc = sweep.run(s, kind, values, names, args.repeat, argv=sys.argv[1:], progress=not args.quiet, on_run=_saver(out))
+    out.mkdir(parents=True, exist_ok=True)
+    doc = sweep.run(
+        s,
+        kind,
+        values,
+        names,
+        args.repeat,
+        argv=sys.argv[1:],
+        progress=not args.quiet,
+        on_run=_saver(out),
+        journal=out / JOURNAL,
+        cluster_address=args.cluster,
+        workers=args.workers,
+    )
+    return _finish(doc, out)
+
+
+JOURNAL = "runs.jsonl"  # a sweep's finished runs, one JSON object per line, as they arrive
+
+
+def _resume_sweep(args: argparse.Namespace) -> int:
+    if args.kind or args.param or args.values or args.scenario or args.set or args.policies or args.engine:
+        raise ScenarioError("sweep --resume DIR: the sweep is the one saved in DIR; give no KIND, values or overrides")
+    out = args.resume
+    doc = results.load(out)
+    if doc["kind"] != "sweep":
+        raise ScenarioError(f"{out}: holds a {doc['kind']} result, not a sweep")
+    doc = sweep.resume(
+        doc,
+        out / JOURNAL,
+        progress=not args.quiet,
+        on_run=_saver(out),
+        cluster_address=args.cluster,
+        workers=args.workers,
+    )
     return _finish(doc, out)
 
 

@@ -12,14 +12,18 @@ parameter by QEMU's name.
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from dqmig.experiments import metrics, results, runner
+from dqmig.experiments import cluster, metrics, results
 from dqmig.experiments.scenario import Scenario, ScenarioError
+from dqmig.experiments.scenario import parse as parse_scenario
 from dqmig.migration.params import PARAMS, parse_bandwidth, value_of
 from dqmig.programs import classify
 from dqmig.units import MiB
@@ -230,6 +234,17 @@ def prepare(base: Scenario, sweep: Sweep, values: list[str], policies: list[str]
     return points
 
 
+def tasks(base: Scenario, points: list[Scenario], policies: list[str], repeat: int) -> list[cluster.Task]:
+    """Every (repetition, point, policy), repetitions outermost (see the module's doc)."""
+    sweep_id = uuid.uuid4().hex[:12]
+    return [
+        cluster.Task(i, policy, rep, scenario.to_dict(), base.seed + rep, sweep_id)
+        for rep in range(repeat)
+        for i, scenario in enumerate(points)
+        for policy in policies
+    ]
+
+
 def run(
     base: Scenario,
     sweep: Sweep,
@@ -240,8 +255,12 @@ def run(
     argv: list[str],
     progress: bool = True,
     on_run: Callable[[dict[str, Any]], None] | None = None,
+    journal: Path | None = None,
+    cluster_address: str | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Runs every (repetition, value, policy); returns the results document."""
+    """Runs every (repetition, value, policy); returns the results document. Each finished
+    run goes to `journal` (JSON lines) before anything else, so `resume` can finish it."""
     points = prepare(base, sweep, values, policies)
     doc = results.new("sweep", base.to_dict(), policies, argv)
     parsed = [sweep.parse(v) for v in values]
@@ -256,17 +275,86 @@ def run(
         "repeat": repeat,
         "scenarios": [p.to_dict() for p in points],
     }
-    total = repeat * len(points) * len(policies)
-    with tqdm(total=total, desc=f"sweep {sweep.name}", unit="run", disable=not progress, leave=True) as bar:
-        for rep in range(repeat):
-            for i, scenario in enumerate(points):
-                for policy in policies:
-                    bar.set_postfix_str(f"{values[i]} {policy} #{rep + 1}")
-                    r = runner.run(scenario, policy, seed=base.seed + rep, keep_series=False)
-                    doc["runs"].append({**r, "point": i, "repeat": rep})
-                    bar.update()
-                    if on_run:
-                        on_run(doc)
+    todo = tasks(base, points, policies, repeat)
+    return _execute(doc, todo, progress, on_run, journal, cluster_address, workers)
+
+
+def resume(
+    doc: dict[str, Any],
+    journal: Path,
+    *,
+    progress: bool = True,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+    cluster_address: str | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Finishes an interrupted sweep: the runs in `journal` count as done (each once), and
+    only the missing (point, policy, repetition) run."""
+    sw = doc["sweep"]
+    points = [parse_scenario(s, f"sweep point {i}") for i, s in enumerate(sw["scenarios"])]
+    base = parse_scenario(doc["scenario"], "the sweep's scenario")
+    done = {_key(r): r for r in read_journal(journal)}
+    _end_line(journal)
+    doc["runs"] = list(done.values())
+    todo = [t for t in tasks(base, points, doc["policies"], sw["repeat"]) if t.key not in done]
+    return _execute(doc, todo, progress, on_run, journal, cluster_address, workers)
+
+
+def _key(run: dict[str, Any]) -> tuple[int, str, int]:
+    return (run["point"], run["policy"], run["repeat"])
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The runs a sweep's journal holds; a last line cut short by an interruption is skipped."""
+    if not path.exists():
+        return []
+    runs = []
+    for line in path.read_text().splitlines():
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return runs
+
+
+def _end_line(path: Path) -> None:
+    """Ends a last line an interruption cut short, so the next run starts a line of its own."""
+    if path.exists() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
+def _execute(
+    doc: dict[str, Any],
+    todo: list[cluster.Task],
+    progress: bool,
+    on_run: Callable[[dict[str, Any]], None] | None,
+    journal: Path | None,
+    cluster_address: str | None,
+    workers: int | None,
+) -> dict[str, Any]:
+    if on_run:
+        on_run(doc)  # saved before any run: an interruption leaves a sweep to resume
+    total = len(doc["runs"]) + len(todo)
+    name = doc["sweep"]["name"]
+    with tqdm(total=total, initial=len(doc["runs"]), desc=f"sweep {name}", unit="run", disable=not progress) as bar:
+
+        def state(running: int, failed: int) -> None:
+            bar.set_postfix_str(f"running {running}, failed {failed}")
+
+        def finished(result: dict[str, Any]) -> None:
+            if journal is not None:
+                with journal.open("a") as f:
+                    f.write(json.dumps(result, allow_nan=False) + "\n")
+            doc["runs"].append(result)
+            bar.update()
+            if on_run:
+                on_run(doc)
+
+        cluster.run_tasks(todo, finished, cluster=cluster_address, workers=workers, on_state=state)
+    doc["runs"].sort(key=lambda r: (r["repeat"], r["point"], doc["policies"].index(r["policy"])))
     return doc
 
 

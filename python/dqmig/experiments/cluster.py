@@ -1,0 +1,180 @@
+"""Where a sweep's runs execute: here, one after another, or as tasks on a Dask cluster.
+
+A run is a task (`Task`: a point, a policy, a repetition, the scenario at that point and the
+seed). `run_tasks` hands each finished run to `on_result` as it arrives, in whatever order
+the runs finish, so a sweep can append it to its journal at once (`journal.py`) and an
+interrupted sweep keeps every run that finished.
+
+On Dask (`dask[distributed]`, the `cluster` extra, imported only here and only when used):
+- `--cluster tcp://HOST:8786` joins a running scheduler (`dask scheduler`, `dask worker`);
+  an unreachable one is a clear error within CONNECT_TIMEOUT_S;
+- `--workers N` starts a local cluster of N worker processes (one thread each).
+An emulator run asks for the resource `host=1`: start one `dask worker ... --resources
+host=1` per host, so two emulated guests never share a host and measure each other. A local
+cluster for a sweep with emulator runs has one worker (they would share this host). A
+simulator run needs one core.
+A worker that dies mid-run loses that run only: the scheduler reruns it elsewhere, at most
+RETRIES more times (`retried` in the run says how many attempts it took)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from dqmig.experiments import results, runner
+from dqmig.experiments.scenario import ScenarioError, parse
+
+CONNECT_TIMEOUT_S = 10.0
+RETRIES = 2
+# Fault injection for the tests: a worker running the first attempt of a run whose key is in
+# this variable ("point-policy-repeat") exits at once, as a killed worker would.
+KILL_ENV = "DQMIG_X_KILL_WORKER_AT"
+
+
+class ClusterError(RuntimeError):
+    """A cluster that cannot be used (unreachable, dask not installed, a run that kept failing)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    point: int
+    policy: str
+    repeat: int
+    scenario: dict[str, Any]  # the scenario at this point, as Scenario.to_dict
+    seed: int
+    sweep_id: str = ""  # names the run's attempt counter on a shared scheduler
+
+    @property
+    def key(self) -> tuple[int, str, int]:
+        return (self.point, self.policy, self.repeat)
+
+    @property
+    def engine(self) -> str:
+        return str(self.scenario.get("engine", "emu"))
+
+
+def execute(task: Task) -> dict[str, Any]:
+    """One run, wherever it executes: the result, with the host it ran on."""
+    scenario = parse(task.scenario, f"sweep point {task.point}")
+    result = runner.run(scenario, task.policy, seed=task.seed, keep_series=False)
+    result["point"], result["repeat"] = task.point, task.repeat
+    result["machine"] = {**results.machine_facts(), "hostname": _hostname()}
+    return result
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def run_tasks(
+    tasks: Iterable[Task],
+    on_result: Callable[[dict[str, Any]], None],
+    *,
+    cluster: str | None = None,
+    workers: int | None = None,
+    on_state: Callable[[int, int], None] | None = None,
+) -> None:
+    """Runs every task, here (neither `cluster` nor `workers`) or on Dask; `on_result` gets
+    each result as it finishes; `on_state(running, failed)` follows the cluster's work."""
+    tasks = list(tasks)
+    if cluster is None and workers is None:
+        for task in tasks:
+            if on_state:
+                on_state(1, 0)
+            on_result(execute(task))
+        return
+    with _client(cluster, workers, tasks) as client:
+        _run_on(client, tasks, on_result, on_state)
+
+
+def _client(cluster: str | None, workers: int | None, tasks: list[Task]) -> Any:
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ClusterError("--cluster/--workers need Dask: pip install 'dqmig[cluster]'") from None
+    if cluster is not None:
+        try:
+            return Client(cluster, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+        except (OSError, TimeoutError) as e:
+            raise ClusterError(
+                f"cannot reach the Dask scheduler at {cluster} within {CONNECT_TIMEOUT_S:g} s: {e}"
+            ) from None
+    if workers is None or workers < 1:
+        raise ScenarioError(f"--workers must be >= 1, not {workers}")
+    if any(t.engine == "emu" for t in tasks):
+        workers = 1  # emulated guests on one host would measure each other
+    local = LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, resources={"host": 1}
+    )
+    return _OwnedClient(Client(local, set_as_default=False), local)
+
+
+class _OwnedClient:
+    """A client and the local cluster it owns, closed together."""
+
+    def __init__(self, client: Any, local: Any) -> None:
+        self.client, self.local = client, local
+
+    def __enter__(self) -> Any:
+        return self.client
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+        self.local.close()
+
+
+def _run_on(
+    client: Any,
+    tasks: list[Task],
+    on_result: Callable[[dict[str, Any]], None],
+    on_state: Callable[[int, int], None] | None,
+) -> None:
+    from distributed import as_completed
+
+    futures = {}
+    for task in tasks:
+        resources = {"host": 1} if task.engine == "emu" else None
+        f = client.submit(
+            _attempt,
+            task,
+            key=f"dqmig-{task.sweep_id}-{task.point}-{task.policy}-{task.repeat}-{time.time_ns()}",
+            retries=RETRIES,
+            resources=resources,
+            pure=False,
+        )
+        futures[f] = task
+    failed = 0
+    pending = len(futures)
+    for f in as_completed(futures, loop=client.loop, raise_errors=False):
+        pending -= 1
+        task = futures[f]
+        if f.status == "error":
+            failed += 1
+            if on_state:
+                on_state(pending, failed)
+            raise ClusterError(f"run {task.key} failed after {RETRIES + 1} attempts: {f.exception()}")
+        result = f.result()
+        if on_state:
+            on_state(pending, failed)
+        on_result(result)
+
+
+def _attempt(task: Task) -> dict[str, Any]:
+    """`execute`, counting attempts in the scheduler's metadata: a Dask retry reruns the same
+    task on another worker after this one died."""
+    from distributed import get_client
+
+    client = get_client()
+    key = ["dqmig-attempts", task.sweep_id, f"{task.point}-{task.policy}-{task.repeat}"]
+    n = int(client.get_metadata(key, default=0)) + 1
+    client.set_metadata(key, n)
+    if n == 1 and os.environ.get(KILL_ENV) == key[2]:
+        os._exit(1)
+    result = execute(task)
+    result["retried"] = n - 1
+    return result

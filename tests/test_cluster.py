@@ -1,0 +1,106 @@
+"""Sweeps on a Dask cluster (issue 13): a local 2-worker cluster gives the same runs as the
+serial sweep, a killed worker costs one retried run and nothing else, an interrupted sweep
+resumes without running anything twice, and an unreachable scheduler is a clear error."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytest.importorskip("distributed")
+
+from dqmig.cli import main  # noqa: E402
+from dqmig.experiments import cluster, scenario, sweep  # noqa: E402
+
+FIGURES = ("policy", "point", "repeat", "converged", "total-time", "transferred", "iterations", "downtime")
+
+
+def _sim_base():
+    s = scenario.load("default").with_value("engine", "sim").with_parameter("x-max-time", 5)
+    return s.with_value("run.warmup", 0.2).with_value("run.baseline", 0.3)
+
+
+def _sweep(**kw):
+    kind = sweep.SWEEPS["dq-interval"]
+    return sweep.run(_sim_base(), kind, ["2", "10"], ["none", "dirty-quota"], 1, argv=[], progress=False, **kw)
+
+
+def _figures(doc):
+    return sorted(tuple(r[k] for k in FIGURES) for r in doc["runs"])
+
+
+def test_a_local_cluster_gives_the_serial_sweeps_runs(tmp_path):
+    serial = _sweep()
+    journal = tmp_path / "runs.jsonl"
+    on_dask = _sweep(workers=2, journal=journal)
+    assert _figures(on_dask) == _figures(serial), "the simulator is deterministic wherever it runs"
+    assert all(r["retried"] == 0 and r["machine"]["hostname"] for r in on_dask["runs"])
+    assert len(journal.read_text().splitlines()) == 4
+
+
+def test_a_killed_worker_costs_one_retried_run(tmp_path, monkeypatch):
+    monkeypatch.setenv(cluster.KILL_ENV, "1-dirty-quota-0")  # inherited by the worker processes
+    doc = _sweep(workers=2, journal=tmp_path / "runs.jsonl")
+    assert _figures(doc) == _figures(_sweep()), "the sweep finished, nothing lost"
+    retried = {(r["point"], r["policy"]): r["retried"] for r in doc["runs"]}
+    assert retried.pop((1, "dirty-quota")) == 1, "the killed run ran again"
+    # A run the dead worker had finished but not yet handed over is lost with it, and rerun.
+    assert set(retried.values()) <= {0, 1}
+
+
+def test_an_interrupted_sweep_resumes_without_running_anything_twice(tmp_path):
+    journal = tmp_path / "runs.jsonl"
+    seen = []
+
+    def interrupt(doc):
+        seen.append(len(doc["runs"]))
+        if len(doc["runs"]) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(journal=journal, on_run=interrupt)
+    saved = json.loads(journal.read_text().splitlines()[0])
+    assert len(journal.read_text().splitlines()) == 2
+    assert seen[0] == 0, "the document is saved before the first run"
+    doc = _sweep()  # the same sweep's document, as results.json holds it
+    doc["runs"] = []
+    resumed = sweep.resume(doc, journal, progress=False)
+    keys = [(r["point"], r["policy"], r["repeat"]) for r in resumed["runs"]]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 4, "each run once, none missing"
+    assert len(journal.read_text().splitlines()) == 4, "only the two missing runs ran"
+    assert saved in resumed["runs"]
+    assert _figures(resumed) == _figures(_sweep())
+
+
+def test_the_cli_resumes_a_sweep_directory(tmp_path, capsys):
+    out = tmp_path / "sw"
+    argv = ["sweep", "dq-interval", "--engine", "sim", "--values", "2,10", "--policies", "none", "--quiet"]
+    argv += ["--set", "x-max-time=5", "--out", str(out)]
+    assert main(argv) == 0
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    (out / "runs.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # cut mid-line
+    assert main(["sweep", "--resume", str(out), "--quiet"]) == 0
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 3  # the cut line, and the rerun
+    assert main(["sweep", "--resume", str(out), "--values", "1"]) == 2
+    assert "give no KIND" in capsys.readouterr().err
+
+
+def test_an_unreachable_scheduler_is_a_clear_error_in_bounded_time(capsys):
+    t0 = time.monotonic()
+    argv = ["sweep", "dq-interval", "--engine", "sim", "--values", "2", "--quiet", "--cluster", "tcp://127.0.0.1:9"]
+    assert main(argv) == 2
+    assert time.monotonic() - t0 < cluster.CONNECT_TIMEOUT_S + 15
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_an_emulator_sweep_on_a_local_cluster_has_the_serial_verdicts(tmp_path):
+    base = scenario.load("default").with_parameter("x-max-time", 2)
+    for field, value in {"run.warmup": 0.2, "run.baseline": 0.3, "run.after": 0.1}.items():
+        base = base.with_value(field, value)
+    kind = sweep.SWEEPS["dq-interval"]
+    run = lambda **kw: sweep.run(base, kind, ["10"], ["dirty-quota"], 1, argv=[], progress=False, **kw)  # noqa: E731
+    serial, on_dask = run(), run(workers=2)
+    assert [r["converged"] for r in on_dask["runs"]] == [r["converged"] for r in serial["runs"]]
+    assert on_dask["runs"][0]["engine"] == "emu"
