@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("distributed")
 
 from dqmig.cli import main  # noqa: E402
-from dqmig.experiments import cluster, scenario, sweep  # noqa: E402
+from dqmig.experiments import cluster, grid, report, scenario, sweep  # noqa: E402
 
 FIGURES = ("policy", "point", "repeat", "converged", "total-time", "transferred", "iterations", "downtime")
 
@@ -40,6 +40,14 @@ def test_a_local_cluster_gives_the_serial_sweeps_runs(tmp_path):
     assert len(journal.read_text().splitlines()) == 4
 
 
+def test_a_small_sim_grid_on_a_local_cluster_equals_the_serial_grid():
+    axes = [grid.parse_axis("dirty-rate=0.5,2"), grid.parse_axis("max-bandwidth=100Mbit,1Gbit")]
+    run = lambda **kw: grid.run(_sim_base(), axes, ["none", "dirty-quota"], 1, argv=[], progress=False, **kw)  # noqa: E731
+    serial, on_dask = run(), run(workers=2)
+    assert len(on_dask["runs"]) == 8 and _figures(on_dask) == _figures(serial)
+    assert grid.phases(on_dask) == grid.phases(serial)
+
+
 def test_a_killed_worker_costs_one_retried_run(tmp_path, monkeypatch):
     monkeypatch.setenv(cluster.KILL_ENV, "1-dirty-quota-0")  # inherited by the worker processes
     doc = _sweep(workers=2, journal=tmp_path / "runs.jsonl")
@@ -48,6 +56,8 @@ def test_a_killed_worker_costs_one_retried_run(tmp_path, monkeypatch):
     assert retried.pop((1, "dirty-quota")) == 1, "the killed run ran again"
     # A run the dead worker had finished but not yet handed over is lost with it, and rerun.
     assert set(retried.values()) <= {0, 1}
+    report.write(doc, tmp_path / "report")
+    assert "dirty-quota at 10, repetition 1: retried 1 time(s)" in (tmp_path / "report" / "index.html").read_text()
 
 
 def test_an_interrupted_sweep_resumes_without_running_anything_twice(tmp_path):

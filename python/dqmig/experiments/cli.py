@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from dqmig import policies
-from dqmig.experiments import compare, results, scenario, sweep, validate
+from dqmig.experiments import compare, grid, results, scenario, sweep, validate
 from dqmig.experiments.scenario import Scenario, ScenarioError
 from dqmig.outputs import check_dir
 
@@ -87,10 +89,16 @@ def _out_dir(args: argparse.Namespace, stem: str) -> Path:
     return out
 
 
-def _saver(out: Path) -> Any:
-    """Saves results after every run, so an interrupted experiment keeps what it measured."""
+def _saver(out: Path, every_s: float = 0.0) -> Any:
+    """Saves results after every run, so an interrupted experiment keeps what it measured; at
+    most once in `every_s` for sweeps, whose journal already holds each run as it finishes
+    (rewriting a thousand-run document after every run would cost more than the runs)."""
+    last = [-math.inf]
 
     def save(doc: dict[str, Any]) -> None:
+        if time.monotonic() - last[0] < every_s:
+            return
+        last[0] = time.monotonic()
         out.mkdir(parents=True, exist_ok=True)
         results.save(doc, out / "results.json")
 
@@ -164,6 +172,14 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         help="run on a local Dask cluster of N worker processes (emulator runs: one worker)",
     )
     p.add_argument("--param", metavar="NAME", help="sweep this migration parameter (QEMU's name) instead")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2,...",
+        help="one axis of a grid sweep (give it 2 or 3 times): a KIND, a field a KIND changes (max-bandwidth) "
+        "or a migration parameter; the report draws phase diagrams of where each policy wins",
+    )
     p.add_argument("--values", metavar="V1,V2,...", help="the values (default: the sweep's own)")
     p.add_argument("--scenario", metavar="SCENARIO", help="a TOML file or a built-in name (default)")
     p.add_argument("--repeat", type=_positive_int, default=1, metavar="N", help="runs per point (default 1)")
@@ -184,8 +200,10 @@ def _positive_int(text: str) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     if args.resume:
         return _resume_sweep(args)
+    if args.grid:
+        return _grid_sweep(args)
     if bool(args.kind) == bool(args.param):
-        raise ScenarioError("sweep: give a KIND (e.g. bandwidth) or --param NAME, not both or neither")
+        raise ScenarioError("sweep: give a KIND (e.g. bandwidth), --param NAME or --grid NAME=V1,V2,...: one of them")
     kind = sweep.SWEEPS[args.kind] if args.kind else sweep.param_sweep(args.param)
     values = [v.strip() for v in args.values.split(",") if v.strip()] if args.values else list(kind.defaults)
     s = _engine(_scenario(args.scenario, args.set), args)
@@ -200,7 +218,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.repeat,
         argv=sys.argv[1:],
         progress=not args.quiet,
-        on_run=_saver(out),
+        on_run=_saver(out, SWEEP_SAVE_S),
+        journal=out / JOURNAL,
+        cluster_address=args.cluster,
+        workers=args.workers,
+    )
+    return _finish(doc, out)
+
+
+def _grid_sweep(args: argparse.Namespace) -> int:
+    if args.kind or args.param or args.values:
+        raise ScenarioError("sweep --grid: the axes carry their values; give no KIND, --param or --values")
+    axes = [grid.parse_axis(text) for text in args.grid]
+    grid.check_axes(axes)
+    s = _engine(_scenario(args.scenario, args.set), args)
+    names = args.policies or grid.policies_for(axes, s.policies)
+    out = _out_dir(args, "sweep-grid")
+    out.mkdir(parents=True, exist_ok=True)
+    doc = grid.run(
+        s,
+        axes,
+        names,
+        args.repeat,
+        argv=sys.argv[1:],
+        progress=not args.quiet,
+        on_run=_saver(out, SWEEP_SAVE_S),
         journal=out / JOURNAL,
         cluster_address=args.cluster,
         workers=args.workers,
@@ -209,10 +251,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 JOURNAL = "runs.jsonl"  # a sweep's finished runs, one JSON object per line, as they arrive
+SWEEP_SAVE_S = 10.0  # results.json of a running sweep is at most this old (the journal is current)
 
 
 def _resume_sweep(args: argparse.Namespace) -> int:
-    if args.kind or args.param or args.values or args.scenario or args.set or args.policies or args.engine:
+    given = (args.kind, args.param, args.values, args.grid, args.scenario, args.set, args.policies, args.engine)
+    if any(given):
         raise ScenarioError("sweep --resume DIR: the sweep is the one saved in DIR; give no KIND, values or overrides")
     out = args.resume
     doc = results.load(out)
@@ -222,7 +266,7 @@ def _resume_sweep(args: argparse.Namespace) -> int:
         doc,
         out / JOURNAL,
         progress=not args.quiet,
-        on_run=_saver(out),
+        on_run=_saver(out, SWEEP_SAVE_S),
         cluster_address=args.cluster,
         workers=args.workers,
     )

@@ -70,6 +70,12 @@ def draw(doc: dict[str, Any], out: Path) -> list[tuple[str, str]]:
             ("Remaining bytes; dirty rate vs bandwidth", "migration.png", migration_figure),
             ("Throttling over time", "throttle.png", throttle_figure),
         ]
+    return render(doc, figures, out)
+
+
+def render(doc: dict[str, Any], figures: list[tuple[str, str, Callable]], out: Path) -> list[tuple[str, str]]:
+    """Draws each (title, file name, make(doc)) into `out`; a make that returns None has
+    nothing to show for this document. Returns (title, file name) of those written."""
     written = []
     with plt.rc_context(STYLE):
         for title, name, make in figures:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dqmig.experiments.figures import SUMMARY_PNG
+from dqmig.experiments.phase import PHASE_PNG
 from dqmig.experiments.tables import Table
 from dqmig.units import format_size
 
@@ -41,6 +42,7 @@ LEGEND = (
     "host steal % = the share of the host's CPU time its hypervisor gave to others during the run "
     "(/proc/stat): other load and steal slow the guest too, so read the slowdowns beside them. "
 )
+LEAD = (SUMMARY_PNG, PHASE_PNG)  # the figure that answers the page's question, shown first
 SWEEP_LEGEND = (
     "Each cell: median [min..max] over the repetitions; converged k/n; a run that did not converge "
     "counts with the time it was given (x-max-time)."
@@ -50,12 +52,12 @@ SWEEP_LEGEND = (
 def page(doc: dict[str, Any], tables: list[Table], figures: list[tuple[str, str]], out: Path, toml: str) -> str:
     """The page for results `doc`; `figures` are (title, PNG file name in `out`). The summary
     figure comes first, before the tables: it answers the page's question at a glance."""
-    lead = [f for f in figures if f[1] == SUMMARY_PNG]
-    rest = [f for f in figures if f[1] != SUMMARY_PNG]
+    lead = [f for f in figures if f[1] in LEAD]
+    rest = [f for f in figures if f[1] not in LEAD]
     scenario = doc["scenario"]
     title = f"dqmig {doc['kind']}: {scenario.get('name', 'scenario')}"
     if doc["kind"] == "sweep":
-        title += f", {doc['sweep']['name']} sweep"
+        title += f", {doc['sweep']['name']} sweep" + (f" ({doc['sweep']['axis']})" if "grid" in doc["sweep"] else "")
     parts = [
         f"<h1>{_e(title)}</h1>",
         f"<p>{_e(scenario.get('description', ''))}</p>",
@@ -114,6 +116,11 @@ def _notes(doc: dict[str, Any]) -> str:
         where = r["policy"] + (f" at {doc['sweep']['labels'][r['point']]}" if "point" in r else "")
         if r.get("error"):
             items.append(f"<li>{_e(where)}: {_e(r['status'])}: {_e(r['error'])}</li>")
+        if r.get("retried"):
+            items.append(
+                f"<li>{_e(where)}, repetition {r.get('repeat', 0) + 1}: retried {r['retried']} time(s) "
+                f"(a worker was lost); it ran on {_e((r.get('machine') or {}).get('hostname', '?'))}</li>"
+            )
         for c in r.get("policy-changes", [])[1:]:
             items.append(f"<li>{_e(where)}: at {c['t']:.1f} s switched to {_e(c['policy'])}: {_e(c['reason'])}</li>")
     items = list(dict.fromkeys(items))  # a sweep repeats the same reason many times

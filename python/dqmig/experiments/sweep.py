@@ -275,6 +275,22 @@ def run(
         "repeat": repeat,
         "scenarios": [p.to_dict() for p in points],
     }
+    return run_points(doc, base, points, policies, repeat, progress, on_run, journal, cluster_address, workers)
+
+
+def run_points(
+    doc: dict[str, Any],
+    base: Scenario,
+    points: list[Scenario],
+    policies: list[str],
+    repeat: int,
+    progress: bool = True,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+    journal: Path | None = None,
+    cluster_address: str | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Runs every (repetition, point, policy) of a sweep or grid whose `doc` is ready."""
     todo = tasks(base, points, policies, repeat)
     return _execute(doc, todo, progress, on_run, journal, cluster_address, workers)
 

@@ -260,3 +260,23 @@ def sweep_table(points: list[dict[str, Any]], label: str) -> Table:
     every = [p["converged"] == p["runs"] > 0 for p in points]
     best = best_cells(rows, headers, SWEEP_BEST, every, [p["point"] for p in points])
     return Table(headers, rows, best=best, note="best at its value among the policies whose every run converged")
+
+
+def phase_table(phases: list[dict[str, Any]], axes: list[dict[str, Any]]) -> Table:
+    """One row per grid cell: the policy that converged fastest and the one that kept the
+    read-mostly vCPUs' pace best there ("-": nothing converged)."""
+    rows = []
+    for p in phases:
+        values = [a["labels"][i] for a, i in zip(axes, p["cell"], strict=True)]
+        nothing = "nothing converged" if not p["converged"] else "-"
+        rows.append(
+            values
+            + [
+                p["fastest"] or nothing,
+                seconds(p["total-time"]),
+                p["gentlest"] or ("-" if p["converged"] else nothing),
+                percent(p["slowdown-reader"]),
+            ]
+        )
+    headers = [a["name"] for a in axes] + ["fastest", "total s", "readers' pace best", "readers slowdown %"]
+    return Table(headers, rows, title="Where each policy wins (among those whose runs mostly converged)")
