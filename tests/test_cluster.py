@@ -60,6 +60,40 @@ def test_a_killed_worker_costs_one_retried_run(tmp_path, monkeypatch):
     assert "dirty-quota at 10, repetition 1: retried 1 time(s)" in (tmp_path / "report" / "index.html").read_text()
 
 
+def test_a_run_whose_worker_dies_on_every_attempt_fails_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv(cluster.KILL_ENV, "0-none-0*")
+    doc = _sweep(workers=2, journal=tmp_path / "runs.jsonl")
+    assert [(f["point"], f["policy"]) for f in doc["failed"]] == [(0, "none")]
+    assert f"died on every attempt ({cluster.RETRIES + 1})" in doc["failed"][0]["error"]
+    assert sorted(_figures(doc)) == sorted(f for f in _figures(_sweep()) if f[:2] != ("none", 0)), "the rest ran"
+    monkeypatch.delenv(cluster.KILL_ENV)
+    resumed = sweep.resume(doc, tmp_path / "runs.jsonl", progress=False)
+    assert not resumed["failed"] and _figures(resumed) == _figures(_sweep())
+
+
+def test_a_run_that_raises_is_reported_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    real = cluster.runner.run
+
+    def run(scenario, policy, **kw):
+        if policy == "dirty-quota" and scenario.parameters.get("x-dirty-quota-interval") == 10:
+            raise RuntimeError("a bug at this point")
+        return real(scenario, policy, **kw)
+
+    monkeypatch.setattr(cluster.runner, "run", run)
+    out = tmp_path / "sw"
+    argv = ["sweep", "dq-interval", "--engine", "sim", "--values", "2,10", "--policies", "none,dirty-quota"]
+    argv += ["--set", "x-max-time=5", "--quiet", "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "run dirty-quota at point 1, repetition 1 failed: RuntimeError: a bug at this point" in err
+    assert f"--resume {out}" in err
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 3
+    assert "failed, not in the results" in (out / "index.html").read_text()
+    monkeypatch.setattr(cluster.runner, "run", real)
+    assert main(["sweep", "--resume", str(out), "--quiet"]) == 0
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 4
+
+
 def test_an_interrupted_sweep_resumes_without_running_anything_twice(tmp_path):
     journal = tmp_path / "runs.jsonl"
     seen = []

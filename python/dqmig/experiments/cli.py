@@ -111,7 +111,13 @@ def _finish(doc: dict[str, Any], out: Path) -> int:
     print(report.text(doc))
     report.write(doc, out)
     print(f"\nreport written to {out}/ (index.html, results.json, figures)")
-    return 0
+    failed = doc.get("failed", [])
+    for f in failed:
+        where = f"{f['policy']} at point {f['point']}, repetition {f['repeat'] + 1}"
+        print(f"dqmig: run {where} failed: {f['error']}", file=sys.stderr)
+    if failed:
+        print(f"dqmig: {len(failed)} run(s) failed; `dqmig sweep --resume {out}` runs them again", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # -- compare -------------------------------------------------------------------------------------

@@ -14,7 +14,10 @@ host=1` per host, so two emulated guests never share a host and measure each oth
 cluster for a sweep with emulator runs has one worker (they would share this host). A
 simulator run needs one core.
 A worker that dies mid-run loses that run only: the scheduler reruns it elsewhere, at most
-RETRIES more times (`retried` in the run says how many attempts it took)."""
+RETRIES more times on a local cluster (a running scheduler's `distributed.scheduler.
+allowed-failures`, default 3, bounds it there); `retried` in the run says how many more
+attempts it took. A run that raises is not retried (the simulator is deterministic: it would
+raise again); it is reported as failed and the sweep goes on."""
 
 from __future__ import annotations
 
@@ -30,12 +33,13 @@ from dqmig.experiments.scenario import ScenarioError, parse
 CONNECT_TIMEOUT_S = 10.0
 RETRIES = 2
 # Fault injection for the tests: a worker running the first attempt of a run whose key is in
-# this variable ("point-policy-repeat") exits at once, as a killed worker would.
+# this variable ("point-policy-repeat") exits at once, as a killed worker would ("...*": every
+# attempt).
 KILL_ENV = "DQMIG_X_KILL_WORKER_AT"
 
 
 class ClusterError(RuntimeError):
-    """A cluster that cannot be used (unreachable, dask not installed, a run that kept failing)."""
+    """A cluster that cannot be used (unreachable, dask not installed)."""
 
 
 @dataclass(frozen=True)
@@ -74,22 +78,30 @@ def _hostname() -> str:
 def run_tasks(
     tasks: Iterable[Task],
     on_result: Callable[[dict[str, Any]], None],
+    on_failure: Callable[[Task, str], None],
     *,
     cluster: str | None = None,
     workers: int | None = None,
-    on_state: Callable[[int, int], None] | None = None,
+    on_state: Callable[[int], None] | None = None,
 ) -> None:
-    """Runs every task, here (neither `cluster` nor `workers`) or on Dask; `on_result` gets
-    each result as it finishes; `on_state(running, failed)` follows the cluster's work."""
+    """Runs every task, here (neither `cluster` nor `workers`) or on Dask. `on_result` gets
+    each result as it finishes, `on_failure` each run that raised (or, on Dask, whose worker
+    died on every attempt) with the reason: the other runs go on. `on_state(running)` follows
+    how many runs are executing now."""
     tasks = list(tasks)
     if cluster is None and workers is None:
         for task in tasks:
             if on_state:
-                on_state(1, 0)
-            on_result(execute(task))
+                on_state(1)
+            try:
+                result = execute(task)
+            except Exception as e:  # noqa: BLE001  (a failed run is reported, the sweep goes on)
+                on_failure(task, f"{type(e).__name__}: {e}")
+                continue
+            on_result(result)
         return
     with _client(cluster, workers, tasks) as client:
-        _run_on(client, tasks, on_result, on_state)
+        _run_on(client, tasks, on_result, on_failure, on_state)
 
 
 def _client(cluster: str | None, workers: int | None, tasks: list[Task]) -> Any:
@@ -108,9 +120,15 @@ def _client(cluster: str | None, workers: int | None, tasks: list[Task]) -> Any:
         raise ScenarioError(f"--workers must be >= 1, not {workers}")
     if any(t.engine == "emu" for t in tasks):
         workers = 1  # emulated guests on one host would measure each other
-    local = LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, resources={"host": 1}
-    )
+    import dask
+
+    # A worker holds only the run it executes (saturation 1): when it dies, no run queued
+    # behind it is counted against its own retries.
+    config = {"distributed.scheduler.allowed-failures": RETRIES, "distributed.scheduler.worker-saturation": 1.0}
+    with dask.config.set(config):
+        local = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, resources={"host": 1}
+        )
     return _OwnedClient(Client(local, set_as_default=False), local)
 
 
@@ -132,7 +150,8 @@ def _run_on(
     client: Any,
     tasks: list[Task],
     on_result: Callable[[dict[str, Any]], None],
-    on_state: Callable[[int, int], None] | None,
+    on_failure: Callable[[Task, str], None],
+    on_state: Callable[[int], None] | None,
 ) -> None:
     from distributed import as_completed
 
@@ -143,25 +162,34 @@ def _run_on(
             _attempt,
             task,
             key=f"dqmig-{task.sweep_id}-{task.point}-{task.policy}-{task.repeat}-{time.time_ns()}",
-            retries=RETRIES,
             resources=resources,
             pure=False,
         )
         futures[f] = task
-    failed = 0
-    pending = len(futures)
+    keys = {f.key for f in futures}
     for f in as_completed(futures, loop=client.loop, raise_errors=False):
-        pending -= 1
-        task = futures[f]
+        keys.discard(f.key)
         if f.status == "error":
-            failed += 1
-            if on_state:
-                on_state(pending, failed)
-            raise ClusterError(f"run {task.key} failed after {RETRIES + 1} attempts: {f.exception()}")
-        result = f.result()
+            on_failure(futures[f], _reason(f.exception()))
+        else:
+            on_result(f.result())
         if on_state:
-            on_state(pending, failed)
-        on_result(result)
+            on_state(_running(client, keys))
+
+
+def _reason(error: BaseException) -> str:
+    if type(error).__name__ == "KilledWorker":
+        return f"the worker running it died on every attempt ({RETRIES + 1}): {error}"
+    return f"{type(error).__name__}: {error}"
+
+
+def _running(client: Any, keys: set[str]) -> int:
+    """How many of the unfinished runs a worker is running now (the rest wait in a queue)."""
+    try:
+        processing = client.processing()
+    except (OSError, TimeoutError):
+        return 0
+    return sum(1 for ks in processing.values() for k in ks if k in keys)
 
 
 def _attempt(task: Task) -> dict[str, Any]:
@@ -173,7 +201,8 @@ def _attempt(task: Task) -> dict[str, Any]:
     key = ["dqmig-attempts", task.sweep_id, f"{task.point}-{task.policy}-{task.repeat}"]
     n = int(client.get_metadata(key, default=0)) + 1
     client.set_metadata(key, n)
-    if n == 1 and os.environ.get(KILL_ENV) == key[2]:
+    kill = os.environ.get(KILL_ENV, "")
+    if kill == key[2] and n == 1 or kill == key[2] + "*":
         os._exit(1)
     result = execute(task)
     result["retried"] = n - 1

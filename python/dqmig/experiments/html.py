@@ -123,5 +123,8 @@ def _notes(doc: dict[str, Any]) -> str:
             )
         for c in r.get("policy-changes", [])[1:]:
             items.append(f"<li>{_e(where)}: at {c['t']:.1f} s switched to {_e(c['policy'])}: {_e(c['reason'])}</li>")
+    for f in doc.get("failed", []):
+        where = f"{f['policy']} at {doc['sweep']['labels'][f['point']]}, repetition {f['repeat'] + 1}"
+        items.append(f"<li>{_e(where)}: failed, not in the results (--resume runs it again): {_e(f['error'])}</li>")
     items = list(dict.fromkeys(items))  # a sweep repeats the same reason many times
     return f"<h2>Notes</h2><ul>{''.join(items)}</ul>" if items else ""

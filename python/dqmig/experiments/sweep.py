@@ -351,14 +351,20 @@ def _execute(
     cluster_address: str | None,
     workers: int | None,
 ) -> dict[str, Any]:
+    doc["failed"] = []  # runs that raised or lost their worker on every attempt: --resume reruns them
     if on_run:
         on_run(doc)  # saved before any run: an interruption leaves a sweep to resume
     total = len(doc["runs"]) + len(todo)
     name = doc["sweep"]["name"]
+    running = [0]
     with tqdm(total=total, initial=len(doc["runs"]), desc=f"sweep {name}", unit="run", disable=not progress) as bar:
 
-        def state(running: int, failed: int) -> None:
-            bar.set_postfix_str(f"running {running}, failed {failed}")
+        def show() -> None:
+            bar.set_postfix_str(f"running {running[0]}, failed {len(doc['failed'])}")
+
+        def state(now: int) -> None:
+            running[0] = now
+            show()
 
         def finished(result: dict[str, Any]) -> None:
             if journal is not None:
@@ -369,7 +375,12 @@ def _execute(
             if on_run:
                 on_run(doc)
 
-        cluster.run_tasks(todo, finished, cluster=cluster_address, workers=workers, on_state=state)
+        def failed(task: cluster.Task, reason: str) -> None:
+            doc["failed"].append({"point": task.point, "policy": task.policy, "repeat": task.repeat, "error": reason})
+            show()
+            bar.update()
+
+        cluster.run_tasks(todo, finished, failed, cluster=cluster_address, workers=workers, on_state=state)
     doc["runs"].sort(key=lambda r: (r["repeat"], r["point"], doc["policies"].index(r["policy"])))
     return doc
 
