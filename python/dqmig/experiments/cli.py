@@ -209,13 +209,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.grid:
         return _grid_sweep(args)
     if bool(args.kind) == bool(args.param):
-        raise ScenarioError("sweep: give a KIND (e.g. bandwidth), --param NAME or --grid NAME=V1,V2,...: one of them")
+        what = "a KIND (e.g. bandwidth), --param NAME or --grid NAME=V1,V2,..."
+        raise ScenarioError(f"sweep: give {what}: one, not both or neither")
     kind = sweep.SWEEPS[args.kind] if args.kind else sweep.param_sweep(args.param)
     values = [v.strip() for v in args.values.split(",") if v.strip()] if args.values else list(kind.defaults)
     s = _engine(_scenario(args.scenario, args.set), args)
     names = args.policies or list(kind.policies or s.policies)
     out = _out_dir(args, f"sweep-{kind.name}")
-    out.mkdir(parents=True, exist_ok=True)
     doc = sweep.run(
         s,
         kind,
@@ -240,7 +240,6 @@ def _grid_sweep(args: argparse.Namespace) -> int:
     s = _engine(_scenario(args.scenario, args.set), args)
     names = args.policies or grid.policies_for(axes, s.policies)
     out = _out_dir(args, "sweep-grid")
-    out.mkdir(parents=True, exist_ok=True)
     doc = grid.run(
         s,
         axes,

@@ -368,6 +368,7 @@ def _execute(
 
         def finished(result: dict[str, Any]) -> None:
             if journal is not None:
+                journal.parent.mkdir(parents=True, exist_ok=True)
                 with journal.open("a") as f:
                     f.write(json.dumps(result, allow_nan=False) + "\n")
             doc["runs"].append(result)
