@@ -148,3 +148,11 @@ def test_an_emulator_sweep_on_a_local_cluster_has_the_serial_verdicts(tmp_path):
     serial, on_dask = run(), run(workers=2)
     assert [r["converged"] for r in on_dask["runs"]] == [r["converged"] for r in serial["runs"]]
     assert on_dask["runs"][0]["engine"] == "emu"
+
+
+def test_more_local_workers_than_cpus_is_refused_before_anything_runs(tmp_path, capsys):
+    argv = ["sweep", "dq-interval", "--engine", "sim", "--values", "2", "--workers", "1000", "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and not (tmp_path / "x").exists()
+    assert "more workers only share them" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -153,10 +154,12 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     kinds = "; ".join(f"{k.name}: {k.help} (default {','.join(k.defaults)})" for k in sweep.SWEEPS.values())
     p = sub.add_parser(
         "sweep",
-        help="run a scenario across the values of one parameter, repeated",
+        help="run a scenario across the values of one parameter (or a grid of two or three), repeated",
         description="guestperf-style sweep: every value x policy runs --repeat times (seeds seed, seed+1, ...); "
         f"each point reports the median and min-max. Sweeps: {kinds}. "
-        "Or --param NAME for any migration parameter by QEMU's name.",
+        "Or --param NAME for any migration parameter by QEMU's name, or a grid of two or three axes "
+        "(--grid dirty-rate=0.5,1,2 --grid max-bandwidth=1Gbit,10Gbit). Each finished run is appended to "
+        "DIR/runs.jsonl: --resume DIR runs only what is missing. --workers/--cluster run on Dask (docs/cluster.md).",
     )
     p.add_argument("kind", nargs="?", choices=sorted(sweep.SWEEPS), metavar="KIND", help="what to sweep")
     p.add_argument(
@@ -173,7 +176,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     )
     where.add_argument(
         "--workers",
-        type=_positive_int,
+        type=_worker_count,
         metavar="N",
         help="run on a local Dask cluster of N worker processes (emulator runs: one worker)",
     )
@@ -200,6 +203,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return n
+
+
+def _worker_count(text: str) -> int:
+    n = _positive_int(text)
+    if n > (os.cpu_count() or 1):
+        raise argparse.ArgumentTypeError(f"{n}: this host has {os.cpu_count()} CPUs; more workers only share them")
     return n
 
 

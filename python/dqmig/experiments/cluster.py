@@ -22,6 +22,7 @@ raise again); it is reported as failed and the sweep goes on."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -116,10 +117,15 @@ def _client(cluster: str | None, workers: int | None, tasks: list[Task]) -> Any:
             raise ClusterError(
                 f"cannot reach the Dask scheduler at {cluster} within {CONNECT_TIMEOUT_S:g} s: {e}"
             ) from None
-    if workers is None or workers < 1:
-        raise ScenarioError(f"--workers must be >= 1, not {workers}")
-    if any(t.engine == "emu" for t in tasks):
-        workers = 1  # emulated guests on one host would measure each other
+    if workers is None or not 1 <= workers <= (os.cpu_count() or 1):
+        raise ScenarioError(
+            f"--workers {workers}: must be 1..{os.cpu_count() or 1} (this host's CPUs; "
+            "more worker processes would only share them)"
+        )
+    if workers > 1 and any(t.engine == "emu" for t in tasks):
+        print("dqmig: emulator runs: one worker on this host (two emulated guests would measure each other)",
+              file=sys.stderr)  # fmt: skip
+        workers = 1
     import dask
 
     # A worker holds only the run it executes (saturation 1): when it dies, no run queued

@@ -114,7 +114,8 @@ def phase_figure(doc: dict[str, Any]) -> Figure:
     handles = {p: Patch(color=cmap(k)) for k, p in enumerate(policies)}
     handles["nothing converged"] = Patch(**(HATCH | {"edgecolor": "0.4"}))
     figures._legend(fig, handles)
-    fig.suptitle(_note(doc) + "\nwhite: the guest has no read-mostly vCPU", x=0.01, ha="left", fontsize=9)
+    readers = any(p["gentlest"] for p in phases) or not any(p["converged"] for p in phases)
+    fig.suptitle(_note(doc) + ("" if readers else "\nwhite: no read-mostly vCPU"), x=0.01, ha="left", fontsize=9)
     return fig
 
 
