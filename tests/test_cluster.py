@@ -5,13 +5,20 @@ resumes without running anything twice, and an unreachable scheduler is a clear 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("distributed")
 
 from dqmig.cli import main  # noqa: E402
+from dqmig.experiments import cli as cli_module  # noqa: E402
 from dqmig.experiments import cluster, grid, report, scenario, sweep  # noqa: E402
 
 FIGURES = ("policy", "point", "repeat", "converged", "total-time", "transferred", "iterations", "downtime")
@@ -156,3 +163,59 @@ def test_more_local_workers_than_cpus_is_refused_before_anything_runs(tmp_path, 
         main([*argv, "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and not (tmp_path / "x").exists()
     assert "more workers only share them" in capsys.readouterr().err
+
+
+def _dask(*args, log):
+    exe = Path(sys.executable).parent / "dask"
+    return subprocess.Popen([str(exe), *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_a_lost_scheduler_stops_the_sweep_with_what_finished_kept(tmp_path, capsys):
+    port = _free_port()
+    log = (tmp_path / "dask.log").open("w")
+    scheduler = _dask("scheduler", "--port", str(port), "--no-dashboard", log=log)
+    worker = _dask("worker", f"tcp://127.0.0.1:{port}", "--nworkers", "1", "--nthreads", "1", "--no-dashboard", log=log)
+    out = tmp_path / "sw"
+    try:
+        journal = out / "runs.jsonl"
+
+        def lose_scheduler(doc):
+            if len(doc["runs"]) == 1:
+                scheduler.kill()
+
+        argv = ["sweep", "dq-interval", "--engine", "sim", "--values", "2,10,50", "--policies", "none,dirty-quota"]
+        argv += ["--set", "x-max-time=5", "--quiet", "--out", str(out), "--cluster", f"tcp://127.0.0.1:{port}"]
+        t0 = time.monotonic()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cli_module, "_saver", lambda out, every_s=0: _chain(cli_module_saver(out), lose_scheduler))
+            assert main(argv) == 2
+        assert time.monotonic() - t0 < 120
+        err = capsys.readouterr().err
+        assert "lost the Dask scheduler" in err and f"--resume {out}" in err
+        kept = len(journal.read_text().splitlines())
+        assert 1 <= kept < 6
+        assert main(["sweep", "--resume", str(out), "--quiet", "--workers", "2"]) == 0
+        runs = json.loads((out / "results.json").read_text())["runs"]
+        assert len(runs) == 6 and len(journal.read_text().splitlines()) == 6
+    finally:
+        for p in (worker, scheduler):
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+        log.close()
+
+
+cli_module_saver = cli_module._saver
+
+
+def _chain(*fns):
+    def call(doc):
+        for fn in fns:
+            fn(doc)
+
+    return call
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -40,7 +40,7 @@ KILL_ENV = "DQMIG_X_KILL_WORKER_AT"
 
 
 class ClusterError(RuntimeError):
-    """A cluster that cannot be used (unreachable, dask not installed)."""
+    """A cluster that cannot be used (unreachable or lost, dask not installed)."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,8 @@ def _run_on(
     keys = {f.key for f in futures}
     for f in as_completed(futures, loop=client.loop, raise_errors=False):
         keys.discard(f.key)
+        if f.status == "cancelled":  # the scheduler was lost (or shut down): nothing more will finish
+            raise ClusterError(f"lost the Dask scheduler with {len(keys) + 1} run(s) unfinished; the finished runs are kept")
         if f.status == "error":
             on_failure(futures[f], _reason(f.exception()))
         else:

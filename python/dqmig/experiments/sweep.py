@@ -381,7 +381,11 @@ def _execute(
             show()
             bar.update()
 
-        cluster.run_tasks(todo, finished, failed, cluster=cluster_address, workers=workers, on_state=state)
+        try:
+            cluster.run_tasks(todo, finished, failed, cluster=cluster_address, workers=workers, on_state=state)
+        except cluster.ClusterError as e:
+            where = f": `dqmig sweep --resume {journal.parent}` runs what is missing" if journal else ""
+            raise cluster.ClusterError(f"{e}{where}") from None
     doc["runs"].sort(key=lambda r: (r["repeat"], r["point"], doc["policies"].index(r["policy"])))
     return doc
 
