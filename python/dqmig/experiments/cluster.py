@@ -176,7 +176,8 @@ def _run_on(
     for f in as_completed(futures, loop=client.loop, raise_errors=False):
         keys.discard(f.key)
         if f.status == "cancelled":  # the scheduler was lost (or shut down): nothing more will finish
-            raise ClusterError(f"lost the Dask scheduler with {len(keys) + 1} run(s) unfinished; the finished runs are kept")
+            unfinished = len(keys) + 1
+            raise ClusterError(f"lost the Dask scheduler with {unfinished} run(s) unfinished; finished runs are kept")
         if f.status == "error":
             on_failure(futures[f], _reason(f.exception()))
         else:
