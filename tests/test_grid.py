@@ -35,7 +35,7 @@ def test_an_axis_is_a_sweep_the_field_it_changes_or_a_migration_parameter():
     [
         (["dirty-rate"], "expected NAME=V1,V2"),
         (["dirty-rate="], "expected NAME=V1,V2"),
-        (["no-such-thing=1,2"], "unknown migration parameter"),
+        (["no-such-thing=1,2"], "unknown axis 'no-such-thing'"),
         (["dirty-rate=fast"], "not a number"),
     ],
 )
@@ -143,3 +143,14 @@ def test_the_cli_runs_and_resumes_a_grid(tmp_path, capsys):
     assert "give no KIND" in capsys.readouterr().err
     assert main(["sweep", "--grid", "dirty-rate=1,2", "--engine", "sim"]) == 2
     assert "2 or 3 axes, not 1" in capsys.readouterr().err
+
+
+def test_a_cell_whose_runs_all_failed_is_not_run_rather_than_not_converged(small_grid, tmp_path):
+    doc = json.loads(json.dumps(small_grid))
+    doc["failed"] = [{"point": 3, "policy": p, "repeat": 0, "error": "RuntimeError: x"} for p in doc["policies"]]
+    doc["runs"] = [r for r in doc["runs"] if r["point"] != 3]
+    phases = grid.phases(doc)
+    assert not phases[3]["ran"] and all(p["ran"] for p in phases[:3])
+    assert "not run (failed)" in report.text(doc)
+    report.write(doc, tmp_path)
+    assert "failed, not in the results" in (tmp_path / "index.html").read_text()

@@ -114,7 +114,7 @@ def _finish(doc: dict[str, Any], out: Path) -> int:
     print(f"\nreport written to {out}/ (index.html, results.json, figures)")
     failed = doc.get("failed", [])
     for f in failed:
-        where = f"{f['policy']} at point {f['point']}, repetition {f['repeat'] + 1}"
+        where = f"{f['policy']} at {doc['sweep']['labels'][f['point']]}, repetition {f['repeat'] + 1}"
         print(f"dqmig: run {where} failed: {f['error']}", file=sys.stderr)
     if failed:
         print(f"dqmig: {len(failed)} run(s) failed; `dqmig sweep --resume {out}` runs them again", file=sys.stderr)
@@ -191,7 +191,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--values", metavar="V1,V2,...", help="the values (default: the sweep's own)")
     p.add_argument("--scenario", metavar="SCENARIO", help="a TOML file or a built-in name (default)")
-    p.add_argument("--repeat", type=_positive_int, default=1, metavar="N", help="runs per point (default 1)")
+    p.add_argument("--repeat", type=_positive_int, metavar="N", help="runs per point (default 1)")
     _add_common(p, "the sweep's own (dl-*: dirty-limit, dq-*: dirty-quota), else the scenario's")
     p.set_defaults(func=cmd_sweep)
 
@@ -231,7 +231,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         kind,
         values,
         names,
-        args.repeat,
+        args.repeat or 1,
         argv=sys.argv[1:],
         progress=not args.quiet,
         on_run=_saver(out, SWEEP_SAVE_S),
@@ -254,7 +254,7 @@ def _grid_sweep(args: argparse.Namespace) -> int:
         s,
         axes,
         names,
-        args.repeat,
+        args.repeat or 1,
         argv=sys.argv[1:],
         progress=not args.quiet,
         on_run=_saver(out, SWEEP_SAVE_S),
@@ -271,8 +271,11 @@ SWEEP_SAVE_S = 10.0  # results.json of a running sweep is at most this old (the 
 
 def _resume_sweep(args: argparse.Namespace) -> int:
     given = (args.kind, args.param, args.values, args.grid, args.scenario, args.set, args.policies, args.engine)
-    if any(given):
-        raise ScenarioError("sweep --resume DIR: the sweep is the one saved in DIR; give no KIND, values or overrides")
+    if any(given) or args.repeat or args.out:
+        raise ScenarioError(
+            "sweep --resume DIR: the sweep is the one saved in DIR, its report goes there; "
+            "give no KIND, values, overrides, --repeat or --out"
+        )
     out = args.resume
     doc = results.load(out)
     if doc["kind"] != "sweep":

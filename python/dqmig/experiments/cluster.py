@@ -22,7 +22,10 @@ raise again); it is reported as failed and the sweep goes on."""
 from __future__ import annotations
 
 import os
+import re
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,6 +36,9 @@ from dqmig.experiments.scenario import ScenarioError, parse
 
 CONNECT_TIMEOUT_S = 10.0
 RETRIES = 2
+POLL_S = 2.0  # how often the driver looks at the cluster's workers while no run finishes
+WAIT_S = 0.05  # how often it looks for finished runs
+NO_WORKER_S = 60.0  # runs left with no worker that could take them: an error after this long
 # Fault injection for the tests: a worker running the first attempt of a run whose key is in
 # this variable ("point-policy-repeat") exits at once, as a killed worker would ("...*": every
 # attempt).
@@ -111,12 +117,7 @@ def _client(cluster: str | None, workers: int | None, tasks: list[Task]) -> Any:
     except ImportError:
         raise ClusterError("--cluster/--workers need Dask: pip install 'dqmig[cluster]'") from None
     if cluster is not None:
-        try:
-            return Client(cluster, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
-        except (OSError, TimeoutError) as e:
-            raise ClusterError(
-                f"cannot reach the Dask scheduler at {cluster} within {CONNECT_TIMEOUT_S:g} s: {e}"
-            ) from None
+        return _connect(Client, cluster)
     if workers is None or not 1 <= workers <= (os.cpu_count() or 1):
         raise ScenarioError(
             f"--workers {workers}: must be 1..{os.cpu_count() or 1} (this host's CPUs; "
@@ -136,6 +137,52 @@ def _client(cluster: str | None, workers: int | None, tasks: list[Task]) -> Any:
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, resources={"host": 1}
         )
     return _OwnedClient(Client(local, set_as_default=False), local)
+
+
+ADDRESS = re.compile(r"^(tcp|tls)://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+def _connect(client_class: Any, address: str) -> Any:
+    """A client of the scheduler at `address`, or ClusterError within CONNECT_TIMEOUT_S and
+    a few seconds: a port that accepts but never speaks Dask's protocol would otherwise hold
+    the handshake forever."""
+    m = ADDRESS.match(address)
+    if not m or not 0 < int(m.group(3)) < 65536:
+        raise ClusterError(f"--cluster {address!r}: expected tcp://HOST:PORT (the Dask scheduler's address)")
+    _reachable(address, m.group(2).strip("[]"), int(m.group(3)))
+    got: list[Any] = []
+
+    def connect() -> None:
+        try:
+            got.append(client_class(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False))
+        except BaseException as e:  # noqa: BLE001  (any failure is the one error below)
+            got.append(e)
+
+    thread = threading.Thread(target=connect, name="dqmig-dask-connect", daemon=True)
+    thread.start()
+    thread.join(CONNECT_TIMEOUT_S + 5)
+    if not got or isinstance(got[0], BaseException):
+        why = f": {got[0]}" if got else " (it accepted the connection but did not answer as a Dask scheduler)"
+        raise ClusterError(f"cannot reach the Dask scheduler at {address} within {CONNECT_TIMEOUT_S:g} s{why}")
+    return got[0]
+
+
+def _reachable(address: str, host: str, port: int) -> None:
+    """A TCP connection to the scheduler within CONNECT_TIMEOUT_S (refused: retried, as a
+    scheduler may be starting), else ClusterError; an unknown host fails at once."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        try:
+            left = max(0.1, deadline - time.monotonic())
+            socket.create_connection((host, port), timeout=left).close()
+            return
+        except ConnectionRefusedError as e:
+            if time.monotonic() >= deadline:
+                within = f"within {CONNECT_TIMEOUT_S:g} s"
+                raise ClusterError(f"cannot reach the Dask scheduler at {address} {within}: {e}") from None
+            time.sleep(0.2)
+        except OSError as e:
+            raise ClusterError(f"cannot reach the Dask scheduler at {address}: {e}") from None
 
 
 class _OwnedClient:
@@ -172,23 +219,52 @@ def _run_on(
             pure=False,
         )
         futures[f] = task
-    keys = {f.key for f in futures}
-    for f in as_completed(futures, loop=client.loop, raise_errors=False):
-        keys.discard(f.key)
-        if f.status == "cancelled":  # the scheduler was lost (or shut down): nothing more will finish
-            unfinished = len(keys) + 1
-            raise ClusterError(f"lost the Dask scheduler with {unfinished} run(s) unfinished; finished runs are kept")
-        if f.status == "error":
-            on_failure(futures[f], _reason(f.exception()))
-        else:
-            on_result(f.result())
+    arriving = as_completed(list(futures), loop=client.loop, raise_errors=False)
+    idle_since = checked = time.monotonic()
+    while futures:
+        if not arriving.has_ready():
+            time.sleep(WAIT_S)
+            if time.monotonic() - checked >= POLL_S:
+                checked = time.monotonic()
+                idle_since = _check_workers(client, futures.values(), idle_since)
+            continue
+        idle_since = time.monotonic()
+        for f in arriving.next_batch(block=False):
+            task = futures.pop(f)
+            if f.status == "cancelled":  # the scheduler was lost (or shut down): nothing more will finish
+                unfinished = len(futures) + 1
+                raise ClusterError(f"lost the Dask scheduler with {unfinished} run(s) left; finished ones are kept")
+            if f.status == "error":
+                on_failure(task, _reason(f.exception()))
+            else:
+                on_result(f.result())
+            f.release()  # the worker drops the result: a later death of it does not rerun this run
         if on_state:
-            on_state(_running(client, keys))
+            on_state(_running(client, {f.key for f in futures}))
+
+
+def _check_workers(client: Any, waiting: Iterable[Task], idle_since: float) -> float:
+    """While nothing finishes: ClusterError once the runs left have had no worker that could
+    take them for NO_WORKER_S (none at all, or none with `host` for an emulator run)."""
+    try:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    except TypeError:  # an older distributed without n_workers
+        workers = client.scheduler_info()["workers"].values()
+    except (OSError, TimeoutError):
+        return idle_since
+    need_host = any(t.engine == "emu" for t in waiting)
+    able = [w for w in workers if not need_host or w.get("resources", {}).get("host", 0) >= 1]
+    if able:
+        return time.monotonic()
+    if time.monotonic() - idle_since < NO_WORKER_S:
+        return idle_since
+    what = "no worker with the resource host=1 (dask worker ... --resources host=1)" if need_host else "no worker"
+    raise ClusterError(f"no run can start: the scheduler has had {what} for {NO_WORKER_S:g} s")
 
 
 def _reason(error: BaseException) -> str:
     if type(error).__name__ == "KilledWorker":
-        return f"the worker running it died on every attempt ({RETRIES + 1}): {error}"
+        return f"the worker running it died on every attempt the scheduler allows (allowed-failures): {error}"
     return f"{type(error).__name__}: {error}"
 
 

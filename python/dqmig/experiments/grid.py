@@ -44,7 +44,13 @@ def lookup(name: str) -> sweep.Sweep:
     if name in sweep.SWEEPS:
         return sweep.SWEEPS[name]
     by_field = [s for s in sweep.SWEEPS.values() if s.field == name and not s.field.startswith("guest.")]
-    return by_field[0] if by_field else sweep.param_sweep(name)
+    if by_field:
+        return by_field[0]
+    try:
+        return sweep.param_sweep(name)
+    except ScenarioError:
+        kinds = ", ".join(sweep.SWEEPS)
+        raise ScenarioError(f"--grid: unknown axis {name!r}: not a KIND ({kinds}) nor a migration parameter") from None
 
 
 def parse_axis(text: str) -> Axis:
@@ -142,13 +148,15 @@ def converged(point: dict[str, Any]) -> bool:
 def phases(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Per cell: `fastest` (least median total time) and `gentlest` (least median reader
     slowdown) among the policies that converged there, None where none did (or, for
-    `gentlest`, where the guest has no read-mostly vCPU)."""
+    `gentlest`, where the guest has no read-mostly vCPU); `ran` is False where every run
+    failed (nothing measured, unlike nothing converged)."""
     by_point: dict[int, list[dict[str, Any]]] = {}
     for p in sweep.summarize(doc):
         by_point.setdefault(p["point"], []).append(p)
     out = []
     for i, cell in enumerate(doc["sweep"]["cells"]):
-        ok = [p for p in by_point.get(i, []) if converged(p)]
+        mine = by_point.get(i, [])
+        ok = [p for p in mine if converged(p)]
         fastest = _least(ok, "total-time")
         gentlest = _least([p for p in ok if p["slowdown-reader"]["median"] is not None], "slowdown-reader")
         out.append(
@@ -156,6 +164,7 @@ def phases(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 "point": i,
                 "cell": list(cell),
                 "label": doc["sweep"]["labels"][i],
+                "ran": any(p["runs"] for p in mine),  # False: every run here failed
                 "converged": [p["policy"] for p in ok],
                 "fastest": fastest["policy"] if fastest else None,
                 "total-time": fastest["total-time"]["median"] if fastest else None,

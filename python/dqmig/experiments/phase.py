@@ -78,8 +78,8 @@ def _grid_of(doc: dict[str, Any], rows: int, value: Any) -> np.ndarray:
     return m
 
 
-def _hatch(ax: Axes, x: int, y: int) -> None:
-    ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, **HATCH))
+def _hatch(ax: Axes, x: int, y: int, pattern: str = HATCH["hatch"]) -> None:
+    ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, **(HATCH | {"hatch": pattern})))
 
 
 # -- phase diagram -------------------------------------------------------------------------------
@@ -106,16 +106,22 @@ def phase_figure(doc: dict[str, Any]) -> Figure:
         for p in phases:
             row, y, x = _where(p["cell"])
             ax = panels[row, col]
-            if not p["converged"]:
+            if not p["ran"]:
+                _hatch(ax, x, y, "//")
+                ax.text(x, y, "not run\n(failed)", ha="center", va="center", fontsize=8, color="0.3")
+            elif not p["converged"]:
                 _hatch(ax, x, y)
                 ax.text(x, y, "nothing\nconverged", ha="center", va="center", fontsize=8, color="0.3")
-            elif p[key] is not None:
+            elif p[key] is None:
+                ax.text(x, y, "no read-mostly\nvCPU", ha="center", va="center", fontsize=8, color="0.3")
+            else:
                 ax.text(x, y, f"{p[key]}\n{fmt(p[value])}", ha="center", va="center", fontsize=8, color="white")
     handles = {p: Patch(color=cmap(k)) for k, p in enumerate(policies)}
     handles["nothing converged"] = Patch(**(HATCH | {"edgecolor": "0.4"}))
+    if not all(p["ran"] for p in phases):
+        handles["not run (every run failed)"] = Patch(**(HATCH | {"edgecolor": "0.4", "hatch": "//"}))
     figures._legend(fig, handles)
-    readers = any(p["gentlest"] for p in phases) or not any(p["converged"] for p in phases)
-    fig.suptitle(_note(doc) + ("" if readers else "\nwhite: no read-mostly vCPU"), x=0.01, ha="left", fontsize=9)
+    fig.suptitle(_note(doc), x=0.01, ha="left", fontsize=9)
     return fig
 
 

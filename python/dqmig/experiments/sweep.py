@@ -234,9 +234,10 @@ def prepare(base: Scenario, sweep: Sweep, values: list[str], policies: list[str]
     return points
 
 
-def tasks(base: Scenario, points: list[Scenario], policies: list[str], repeat: int) -> list[cluster.Task]:
+def tasks(
+    base: Scenario, points: list[Scenario], policies: list[str], repeat: int, sweep_id: str
+) -> list[cluster.Task]:
     """Every (repetition, point, policy), repetitions outermost (see the module's doc)."""
-    sweep_id = uuid.uuid4().hex[:12]
     return [
         cluster.Task(i, policy, rep, scenario.to_dict(), base.seed + rep, sweep_id)
         for rep in range(repeat)
@@ -290,8 +291,12 @@ def run_points(
     cluster_address: str | None = None,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """Runs every (repetition, point, policy) of a sweep or grid whose `doc` is ready."""
-    todo = tasks(base, points, policies, repeat)
+    """Runs every (repetition, point, policy) of a sweep or grid whose `doc` is ready. A
+    journal that exists already belongs to another sweep: refused, not appended to."""
+    if journal is not None and journal.exists():
+        raise ScenarioError(f"{journal} exists: that directory holds a sweep (--resume {journal.parent}), use another")
+    doc["sweep"]["id"] = uuid.uuid4().hex[:12]
+    todo = tasks(base, points, policies, repeat, doc["sweep"]["id"])
     return _execute(doc, todo, progress, on_run, journal, cluster_address, workers)
 
 
@@ -309,15 +314,18 @@ def resume(
     sw = doc["sweep"]
     points = [parse_scenario(s, f"sweep point {i}") for i, s in enumerate(sw["scenarios"])]
     base = parse_scenario(doc["scenario"], "the sweep's scenario")
-    done = {_key(r): r for r in read_journal(journal)}
+    sw.setdefault("id", uuid.uuid4().hex[:12])  # a sweep saved before ids: its journal is its own
+    every = tasks(base, points, doc["policies"], sw["repeat"], sw["id"])
+    keys = {t.key for t in every}
+    done = {_key(r): r for r in read_journal(journal) if r.get("sweep-id", sw["id"]) == sw["id"] and _key(r) in keys}
     _end_line(journal)
     doc["runs"] = list(done.values())
-    todo = [t for t in tasks(base, points, doc["policies"], sw["repeat"]) if t.key not in done]
+    todo = [t for t in every if t.key not in done]
     return _execute(doc, todo, progress, on_run, journal, cluster_address, workers)
 
 
-def _key(run: dict[str, Any]) -> tuple[int, str, int]:
-    return (run["point"], run["policy"], run["repeat"])
+def _key(run: dict[str, Any]) -> tuple[Any, Any, Any]:
+    return (run.get("point"), run.get("policy"), run.get("repeat"))
 
 
 def read_journal(path: Path) -> list[dict[str, Any]]:
@@ -367,6 +375,7 @@ def _execute(
             show()
 
         def finished(result: dict[str, Any]) -> None:
+            result["sweep-id"] = doc["sweep"]["id"]
             if journal is not None:
                 journal.parent.mkdir(parents=True, exist_ok=True)
                 with journal.open("a") as f:
@@ -384,7 +393,8 @@ def _execute(
         try:
             cluster.run_tasks(todo, finished, failed, cluster=cluster_address, workers=workers, on_state=state)
         except cluster.ClusterError as e:
-            where = f": `dqmig sweep --resume {journal.parent}` runs what is missing" if journal else ""
+            kept = journal is not None and bool(doc["runs"])
+            where = f": `dqmig sweep --resume {journal.parent}` runs what is missing" if kept else ""
             raise cluster.ClusterError(f"{e}{where}") from None
     doc["runs"].sort(key=lambda r: (r["repeat"], r["point"], doc["policies"].index(r["policy"])))
     return doc

@@ -268,13 +268,13 @@ def phase_table(phases: list[dict[str, Any]], axes: list[dict[str, Any]]) -> Tab
     rows = []
     for p in phases:
         values = [a["labels"][i] for a, i in zip(axes, p["cell"], strict=True)]
-        nothing = "nothing converged" if not p["converged"] else "-"
+        nothing = "not run (failed)" if not p["ran"] else "nothing converged" if not p["converged"] else "-"
         rows.append(
             values
             + [
                 p["fastest"] or nothing,
                 seconds(p["total-time"]),
-                p["gentlest"] or ("-" if p["converged"] else nothing),
+                p["gentlest"] or ("no reader" if p["converged"] else nothing),
                 percent(p["slowdown-reader"]),
             ]
         )
