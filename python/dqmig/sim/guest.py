@@ -48,6 +48,7 @@ RING_RESERVE = 64  # KVM's soft-full reserve
 PML_BUFFER = 512  # Intel PML's buffer, reserved too with PML on
 EPS = 1e-9
 RATE_BURST_S = 0.01  # the emulator's token bucket holds at most this many seconds of a rate
+INSTANT_BURST_S = 1e-4  # a catch-up burst shorter than this is written at once (see _write_at_once)
 MAX_EXITS_AT_ONCE = 100_000  # exits of one writer at one instant: a handler that never lets it run
 
 
@@ -103,9 +104,21 @@ class Atom:
         rate = self.rate
         if rate <= 0:
             return
-        k = rate * dt
-        w = self.pages
-        clean = w - self.log
+        new = self.write(rate * dt)
+        if new <= 0:
+            return
+        if len(self.writers) == 1:
+            self.writers[0][0].count += new
+        else:
+            for wr, per_step in self.writers:
+                if wr.running:
+                    wr.count += new * wr.step_rate * per_step / rate
+                    wr.log_share[self] = wr.log_share.get(self, 0.0) + new * wr.step_rate * per_step / rate
+
+    def write(self, k: float) -> float:
+        """`k` page writes, spread over the atom as its writers spread them: the pages they
+        newly dirty (added to the log) and the zero pages they touch."""
+        clean = self.pages - self.log
         if self.sequential:
             new = min(clean, k)
             touched = min(self.zero, k)
@@ -117,16 +130,9 @@ class Atom:
             new = clean * (1.0 - keep)
             self.zero *= keep
             self.mig_zero *= keep
-        if new <= 0:
-            return
-        self.log += new
-        if len(self.writers) == 1:
-            self.writers[0][0].count += new
-        else:
-            for wr, per_step in self.writers:
-                if wr.running:
-                    wr.count += new * wr.step_rate * per_step / rate
-                    wr.log_share[self] = wr.log_share.get(self, 0.0) + new * wr.step_rate * per_step / rate
+        if new > 0:
+            self.log += new
+        return new
 
     def gain(self, writer: SimWriter, dt: float) -> float:
         """Transitions `writer` would cause here over the next `dt` seconds (rates as now)."""
@@ -491,11 +497,14 @@ class SimVM(Writers):
         """Changes whether `w` writes: its atoms are settled first (their rate changes)."""
         if w.running == running:
             return
+        now = self.now
         for atom, _ in w.targets:
-            atom.settle(self.now)
-            for other, _ in atom.writers:
-                if other is not w:
-                    other.settle(self.now)
+            if atom.t < now:
+                atom.settle(now)
+            if len(atom.writers) > 1:
+                for other, _ in atom.writers:
+                    if other is not w:
+                        other.settle(now)
         w.running = running
         for atom, per_step in w.targets:
             atom.rate += (1 if running else -1) * w.step_rate * per_step
@@ -519,16 +528,45 @@ class SimVM(Writers):
         """`w` writes again. A rate-limited writer first spends the tokens its bucket saved
         while it did not run (at most RATE_BURST_S of its rate) flat out, then runs at its
         rate: the emulator's token bucket (rust/src/vcpu.rs, take_token), which lets a
-        throttled writer catch up after short sleeps."""
-        w.settle(self.now)
+        throttled writer catch up after short sleeps. The caller has settled `w` and its
+        atoms to now."""
         if w.limited and w.stopped_at is not None:
             cap = max(1.0, w.base_rate * RATE_BURST_S)
             tokens = min(cap, w.tokens + (self.now - w.stopped_at) * w.base_rate)
             w.stopped_at, w.tokens = None, 0.0
-            if tokens > EPS:
+            burst_s = tokens / (w.speed - w.base_rate)
+            if EPS < tokens and burst_s <= INSTANT_BURST_S and self._room_for(w, tokens):
+                self._write_at_once(w, tokens, burst_s)
+            elif tokens > EPS:
                 w.step_rate, w.cpu_share = w.speed, 1.0
-                w.burst_until = self.now + tokens / (w.speed - w.base_rate)
+                w.burst_until = self.now + burst_s
         self._set_running(w, w.step_rate > 0)
+
+    def _room_for(self, w: SimWriter, steps: float) -> bool:
+        """`steps` more writes cannot reach `w`'s quota (an exit inside the burst, which the
+        allocator would see as overshoot) nor overfill its ring (KVM's hard size). `w`'s count
+        is settled to now."""
+        limit = float(w._quota) if w._quota else math.inf
+        if self.guest.dirty_ring and self.guest.logging and not w.is_device:
+            limit = min(limit, w.ring_base + self.guest.dirty_ring)
+        return w.count + steps < limit
+
+    def _write_at_once(self, w: SimWriter, steps: float, burst_s: float) -> None:
+        """A burst too short to matter as time (microseconds at a flat-out speed far above
+        the rate): its `steps` beyond the rate are written now, without the two events and
+        rate changes a timed burst costs. Its CPU time is counted as the burst's would be."""
+        w.progress += steps
+        w.cpu_s += burst_s * (1.0 - w.cpu_share)
+        w.halt_s -= burst_s * (1.0 - w.cpu_share)
+        shared = False
+        for atom, per_step in w.targets:  # settled to now by the caller
+            new = atom.write(steps * per_step)
+            w.count += new
+            if len(atom.writers) > 1:
+                shared = True
+                w.log_share[atom] = w.log_share.get(atom, 0.0) + new
+        if shared:
+            self.repredict_sharing(w)  # the other writers' clean pages are fewer
 
     def _end_burst(self, w: SimWriter) -> None:
         """The saved tokens are spent: back to the program's rate."""
