@@ -186,6 +186,7 @@ class SimWriter:
         self.burst_until = 0.0  # running flat out on saved tokens until then
         self.due: str | None = None  # the exit its next event was predicted to be, if any
         self.targets: list[tuple[Atom, float]] = []
+        self.sharing: list[SimWriter] = []  # the other writers of its atoms
         self.log_share: dict[Atom, float] = {}
         self.count = 0.0  # clean-to-dirty transitions (float: an expectation)
         self._quota = 0
@@ -318,7 +319,7 @@ class SimVM(Writers):
         config.validate()
         self.config = config
         self.now = 0.0
-        self._events: list[tuple[float, int, Any]] = []
+        self._events: list[tuple[float, int, Any, Any]] = []  # see advance_to
         self._seq = 0
         self.guest = SimGuest(self, config)
         self.programs = list(config.programs or [ProgramSpec("idle")] * config.vcpus)
@@ -373,6 +374,9 @@ class SimVM(Writers):
                 atom.sequential = seq and len(atom.writers) == 1
                 w.targets.append((atom, per_step))
                 i += 1
+        for w in self._writers:
+            others = {o.slot: o for atom, _ in w.targets for o, _ in atom.writers if o is not w}
+            w.sharing = list(others.values())  # writers whose exits move when w's rate does
         for atom in atoms:
             if len(atom.writers) > 1:
                 atom.sequential = False
@@ -465,16 +469,22 @@ class SimVM(Writers):
 
     def schedule(self, t: float, fn: Callable[[], None]) -> None:
         self._seq += 1
-        heapq.heappush(self._events, (t, self._seq, fn))
+        heapq.heappush(self._events, (t, self._seq, None, fn))
 
     def advance_to(self, t: float) -> None:
-        """Runs the guest to virtual time `t`: every exit and timer due by then, in order."""
+        """Runs the guest to virtual time `t`: every exit and timer due by then, in order.
+        An event is (time, sequence, writer, its prediction's version) or (time, sequence,
+        None, a function): writers' events, by far the most, need no closure."""
         events = self._events
+        pop = heapq.heappop
         while events and events[0][0] <= t:
-            et, _, fn = heapq.heappop(events)
+            et, _, w, what = pop(events)
             if et > self.now:
                 self.now = et
-            fn()
+            if w is None:
+                what()
+            elif what == w.version:
+                self._writer_event(w)
         if t > self.now:
             self.now = t
 
@@ -593,13 +603,8 @@ class SimVM(Writers):
 
     def repredict_sharing(self, w: SimWriter) -> None:
         self.repredict(w)
-        seen = {w.slot}
-        for atom, _ in w.targets:
-            if len(atom.writers) > 1:
-                for other, _ in atom.writers:
-                    if other.slot not in seen:
-                        seen.add(other.slot)
-                        self.repredict(other)
+        for other in w.sharing:
+            self.repredict(other)
 
     def repredict(self, w: SimWriter) -> None:
         """Schedules `w`'s next event: waking, or its next exit. While `w`'s own event is
@@ -618,8 +623,8 @@ class SimVM(Writers):
             self._push(w, t)
 
     def _push(self, w: SimWriter, t: float) -> None:
-        version = w.version
-        self.schedule(max(t, self.now), lambda: self._writer_event(w, version))
+        self._seq += 1
+        heapq.heappush(self._events, (t if t > self.now else self.now, self._seq, w, w.version))
 
     def _target(self, w: SimWriter) -> float:
         """The dirty count at which `w` exits next (quota or ring), or inf."""
@@ -684,8 +689,9 @@ class SimVM(Writers):
 
     # -- events
 
-    def _writer_event(self, w: SimWriter, version: int) -> None:
-        if version != w.version or self.paused:
+    def _writer_event(self, w: SimWriter) -> None:
+        """`w`'s current prediction is due (a superseded one never gets here)."""
+        if self.paused:
             return
         self._handling = w
         try:
