@@ -520,7 +520,8 @@ class SimVM(Writers):
             atom.rate += (1 if running else -1) * w.step_rate * per_step
             if atom.rate < 1e-12:
                 atom.rate = 0.0
-        self.repredict_sharing(w)
+        if w is not self._handling or w.sharing:  # else predicted once, at the end of its event
+            self.repredict_sharing(w)
 
     def _halt(self, w: SimWriter) -> None:
         """`w` stops writing (a sleep or a stop): a rate-limited writer's bucket keeps the
