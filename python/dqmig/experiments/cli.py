@@ -226,19 +226,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     s = _engine(_scenario(args.scenario, args.set), args)
     names = args.policies or list(kind.policies or s.policies)
     out = _out_dir(args, f"sweep-{kind.name}")
-    doc = sweep.run(
-        s,
-        kind,
-        values,
-        names,
-        args.repeat or 1,
-        argv=sys.argv[1:],
-        progress=not args.quiet,
-        on_run=_saver(out, SWEEP_SAVE_S),
-        journal=out / JOURNAL,
-        cluster_address=args.cluster,
-        workers=args.workers,
-    )
+    doc = sweep.run(s, kind, values, names, args.repeat or 1, argv=sys.argv[1:], **_execution(args, out))
     return _finish(doc, out)
 
 
@@ -250,19 +238,20 @@ def _grid_sweep(args: argparse.Namespace) -> int:
     s = _engine(_scenario(args.scenario, args.set), args)
     names = args.policies or grid.policies_for(axes, s.policies)
     out = _out_dir(args, "sweep-grid")
-    doc = grid.run(
-        s,
-        axes,
-        names,
-        args.repeat or 1,
-        argv=sys.argv[1:],
-        progress=not args.quiet,
-        on_run=_saver(out, SWEEP_SAVE_S),
-        journal=out / JOURNAL,
-        cluster_address=args.cluster,
-        workers=args.workers,
-    )
+    doc = grid.run(s, axes, names, args.repeat or 1, argv=sys.argv[1:], **_execution(args, out))
     return _finish(doc, out)
+
+
+def _execution(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """How a sweep's runs execute and where they go: progress, results.json, the journal,
+    and the cluster (sweep.run, grid.run and sweep.resume take these)."""
+    return {
+        "progress": not args.quiet,
+        "on_run": _saver(out, SWEEP_SAVE_S),
+        "journal": out / JOURNAL,
+        "cluster_address": args.cluster,
+        "workers": args.workers,
+    }
 
 
 JOURNAL = "runs.jsonl"  # a sweep's finished runs, one JSON object per line, as they arrive
@@ -280,14 +269,7 @@ def _resume_sweep(args: argparse.Namespace) -> int:
     doc = results.load(out)
     if doc["kind"] != "sweep":
         raise ScenarioError(f"{out}: holds a {doc['kind']} result, not a sweep")
-    doc = sweep.resume(
-        doc,
-        out / JOURNAL,
-        progress=not args.quiet,
-        on_run=_saver(out, SWEEP_SAVE_S),
-        cluster_address=args.cluster,
-        workers=args.workers,
-    )
+    doc = sweep.resume(doc, **_execution(args, out))
     return _finish(doc, out)
 
 
