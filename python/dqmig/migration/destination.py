@@ -285,7 +285,8 @@ class Incoming:
         """The most telling page-channel error: a channel closed because the source hung up
         after another one's fault says less than that fault."""
         telling = [e for e in self._errors if not isinstance(e, _native.StreamClosed)]
-        return f"page channel failed: {(telling or self._errors)[0]}"
+        e = (telling or self._errors)[0]
+        return f"page channel failed: {str(e) or type(e).__name__}"  # some errors have no message
 
     def _count(self, stats: tuple[int, int, int]) -> None:
         with self._count_lock:  # multifd channel threads count concurrently
